@@ -1,0 +1,134 @@
+"""Encode frames to H.264 MP4 and probe MP4 files, refusing silent failures.
+
+Why: ``imageio_ffmpeg.write_frames`` with an odd width or height writes a 0-byte file and
+raises nothing (FIELD-NOTES). So ``encode_mp4`` refuses odd sizes up front, writes to a temp
+name beside the target (a watcher or a reader never sees half a file), counts the frames
+back and only then renames into place. ``probe_mp4`` is the same check for anyone else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import imageio_ffmpeg
+import numpy as np
+
+
+class VideoEncodeError(RuntimeError):
+    """ffmpeg produced no file, an empty file, or a different number of frames."""
+
+
+@dataclass
+class VideoInfo:
+    """What an MP4 really holds, as read back from the file."""
+
+    path: Path
+    frames: int
+    fps: float
+    width: int
+    height: int
+    bytes: int
+    seconds: float
+
+
+def check_frames(frames: np.ndarray, fps: int) -> None:
+    """Raise ``ValueError`` for frames H.264 yuv420p cannot hold or an fps ffmpeg rejects."""
+    if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8:
+        raise ValueError(f"`frames` must be a uint8 numpy array but is {_describe(frames)}")
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] < 1:
+        raise ValueError(f"`frames` must be shaped (F>=1, H, W, 3) but is {frames.shape}")
+    height, width = frames.shape[1:3]
+    if width % 2 or height % 2 or width < 2 or height < 2:
+        raise ValueError(
+            f"`frames` width and height must be even for H.264 yuv420p but are "
+            f"{width}x{height} (ffmpeg would silently write a 0-byte file)"
+        )
+    if isinstance(fps, bool) or not isinstance(fps, int | float) or not 0 < fps <= 1000:
+        raise ValueError(f"`fps` must be a number in (0, 1000] but is {fps!r}")
+
+
+def _describe(value: object) -> str:
+    dtype = getattr(value, "dtype", None)
+    return f"{type(value).__name__} of {dtype}" if dtype is not None else type(value).__name__
+
+
+def encode_mp4(frames: np.ndarray, fps: int, path: Path) -> VideoInfo:
+    """Write ``frames`` (F, H, W, 3) uint8 as an H.264 yuv420p MP4 at ``path``; verify it.
+
+    Steps: 1 check, 2 write to a temp name beside ``path``, 3 count frames back,
+    4 rename into place. Raises ``VideoEncodeError`` if the file is empty or short.
+    """
+    # 1. Check
+    check_frames(frames, fps)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.mp4")
+    try:
+        # 2. Write
+        _write(frames, fps, temp)
+        # 3. Count frames back: ffmpeg's own word is not enough
+        info = probe_mp4(temp)
+        if info.bytes == 0 or info.frames != frames.shape[0]:
+            raise VideoEncodeError(
+                f"encoding {path.name} gave {info.frames} frames in {info.bytes} bytes; "
+                f"expected {frames.shape[0]} frames"
+            )
+        # 4. Rename into place (atomic on one filesystem)
+        os.replace(temp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            temp.unlink()
+    info.path = path
+    return info
+
+
+def _write(frames: np.ndarray, fps: float, path: Path) -> None:
+    """Feed frames to ffmpeg; ``+faststart`` puts the index first so browsers stream it."""
+    height, width = frames.shape[1:3]
+    writer = imageio_ffmpeg.write_frames(
+        str(path),
+        (width, height),
+        fps=fps,
+        codec="libx264",
+        pix_fmt_in="rgb24",
+        pix_fmt_out="yuv420p",
+        macro_block_size=1,
+        ffmpeg_log_level="error",
+        output_params=["-movflags", "+faststart"],
+    )
+    writer.send(None)  # start ffmpeg
+    try:
+        for frame in frames:
+            writer.send(np.ascontiguousarray(frame))
+    finally:
+        writer.close()
+
+
+def probe_mp4(path: Path) -> VideoInfo:
+    """Read an MP4's frame count, duration, size and fps by decoding it with ffmpeg.
+
+    Raises ``VideoEncodeError`` for a missing or empty file (ffmpeg's own errors are vague).
+    """
+    path = Path(path)
+    size = path.stat().st_size if path.is_file() else 0
+    if size == 0:
+        raise VideoEncodeError(f"{path} is missing or empty")
+    frames, seconds = imageio_ffmpeg.count_frames_and_secs(str(path))
+    reader = imageio_ffmpeg.read_frames(str(path))
+    try:
+        meta = next(reader)
+    finally:
+        reader.close()
+    width, height = meta["size"]
+    return VideoInfo(
+        path=path,
+        frames=int(frames),
+        fps=float(meta["fps"]),
+        width=int(width),
+        height=int(height),
+        bytes=size,
+        seconds=float(seconds),
+    )
