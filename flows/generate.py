@@ -1,0 +1,104 @@
+"""Flow: one dropped job becomes one video (or one error report).
+
+Why a flow per job: each drop is visible in the Prefect UI as its own run, named after the
+input (``shoe-3f2a9c``), with its own logs, retries and artifacts. The flow only orchestrates:
+validate the inputs, render on the warm GPU worker, encode, publish.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+from prefect import flow, runtime, tags
+from prefect.states import Cancelled, Completed, Failed, State
+
+from infra.jobs import JobTicket
+from infra.logging import configure_logging
+from infra.settings import get_settings
+from infra.spec import BadInputError, ErrorReport, FieldProblem
+from tasks.encode import encode_video
+from tasks.inputs import InputChangedError, PreparedJob, load_inputs
+from tasks.publish import i2vflow_version, publish_video, write_error_report
+from tasks.render import RenderedFrames, render_frames
+
+
+@flow(name="generate-video", log_prints=False, retries=0)
+def generate_video(ticket: JobTicket) -> State:
+    """1. load and validate inputs, 2. render frames on the GPU worker, 3. encode the MP4,
+    4. publish video and sidecar. Bad input ends the run with an error file, no retries."""
+    settings = get_settings()
+    configure_logging(settings.resolved_log_file)
+    log = structlog.get_logger("i2vflow.flow").bind(job_id=ticket.job_id, input_key=ticket.stem)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    try:
+        job = _timed(timings, "load_inputs", load_inputs, ticket)
+        with tags(f"model:{job.model}"):
+            future = render_frames.delay(job)
+        rendered = _timed(timings, "render", future.result, timeout=settings.render_timeout_seconds)
+    except BadInputError as exc:
+        write_error_report(ticket, exc.report)
+        return Failed(message=f"bad input: {exc.report.message}")
+    except InputChangedError as exc:
+        log.info("job.superseded", reason=str(exc))
+        return Cancelled(message=str(exc))
+    except Exception as exc:
+        write_error_report(ticket, _render_failure(exc))
+        raise
+    video = _timed(timings, "encode", encode_video, rendered.frames, job.spec.fps)
+    timings["total_before_publish"] = round(time.perf_counter() - started, 3)
+    sidecar = publish_video(ticket, video, _sidecar(ticket, job, rendered, video, timings))
+    log.info("job.done", video_key=sidecar["video"]["key"], seconds=timings)
+    return Completed(message=f"video {sidecar['video']['url']}", data=sidecar)
+
+
+def _timed(timings: dict[str, float], name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    start = time.perf_counter()
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        timings[name] = round(time.perf_counter() - start, 3)
+
+
+def _render_failure(exc: Exception) -> ErrorReport:
+    problem = FieldProblem(field=None, problem=f"rendering failed: {type(exc).__name__}: {exc}"[:2000],
+                           fix="smaller width/height or num_frames help with out-of-memory errors; "
+                           "otherwise ask the operator (the run's logs in the Prefect UI say more)")
+    return ErrorReport(error="render_failed", message=problem.problem, problems=[problem])
+
+
+def _sidecar(ticket: JobTicket, job: PreparedJob, rendered: RenderedFrames, video: Any,
+             timings: dict[str, float]) -> dict[str, Any]:
+    from infra.engine.registry import NOISE_WARNING
+
+    engine = rendered.engine
+    return {
+        "i2vflow_version": i2vflow_version(),
+        "job_id": ticket.job_id,
+        "created_at": datetime.now(UTC).isoformat(),
+        "inputs": {
+            "image": {"key": ticket.image_key, "sha256": job.image_sha256},
+            "spec": {"key": ticket.spec_key, "sha256": job.spec_sha256},
+            "defaults": list(ticket.defaults_keys),
+            "inbox": ticket.inbox,
+        },
+        "spec": job.spec.model_dump(),
+        "model": {
+            "name": engine["model_name"], "source": engine["model_source"],
+            "is_noise": engine["is_noise"], "warning": NOISE_WARNING if engine["is_noise"] else None,
+        },
+        "seed": job.seed, "frames": video.frames, "fps": job.spec.fps,
+        "width": video.width, "height": video.height,
+        "timings_seconds": {**timings, "model_load": engine["load_seconds"],
+                            "render_on_model": engine["render_seconds"]},
+        "engine": {k: engine[k] for k in ("device", "dtype", "memory_mode", "pid",
+                                          "model_loads_in_process", "oom_fallback_used")},
+        "prefect": {"flow_run_id": runtime.flow_run.id, "flow_run_url": runtime.flow_run.ui_url},
+    }
+
+
+if __name__ == "__main__":
+    generate_video.serve(name="generate-video")

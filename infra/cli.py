@@ -1,0 +1,131 @@
+"""The ``i2vflow`` command: run the service, or one of its parts.
+
+Why at the edge: this is the one module that may import flows and tasks (to serve them); the
+rest of ``infra`` never does.
+
+    i2vflow up          # everything on one host: Prefect server, deployments, workers, watcher
+    i2vflow watch       # the watcher alone (point PREFECT_API_URL at your server)
+    i2vflow gpu-worker  # the warm GPU task worker alone
+    i2vflow build-tiny  # build the offline random-weight model into the model cache
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="i2vflow: images in, videos out.")
+
+
+def _say(message: str) -> None:
+    typer.echo(f"[i2vflow] {message}", err=True)
+
+
+@app.command()
+def up(port: int = typer.Option(4200, help="Port of the local Prefect server.")) -> None:
+    """Start everything on embedded defaults and watch the inbox until Ctrl-C."""
+    from infra import service
+    from infra.settings import get_settings
+
+    settings = get_settings()
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    prefect_home = os.environ.setdefault("PREFECT_HOME", str((settings.state_dir / "prefect").resolve()))
+    sup = service.Supervisor(env={}, log_dir=settings.state_dir / "logs")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        api_url = os.environ.get("PREFECT_API_URL") or ""
+        if not api_url:
+            _say(f"starting a local Prefect server (SQLite under {prefect_home}) ...")
+            sup.env = service.prefect_env("", settings.state_dir)
+            sup.env.pop("PREFECT_API_URL")
+            api_url = service.start_prefect_server(sup, port, _say)
+        sup.env = service.prefect_env(api_url, settings.state_dir)
+        os.environ.update({k: sup.env[k] for k in ("PREFECT_API_URL", "PREFECT_LOCAL_STORAGE_PATH",
+                                                     "PREFECT_LOGGING_EXTRA_LOGGERS")})
+        _say("creating the work pool, the gpu concurrency limit and the deployments ...")
+        service.apply_deployments(sup.env, settings.work_pool, settings.gpu_limit)
+        _say("starting the flow worker and the GPU worker ...")
+        service.start_workers(sup, settings.work_pool)
+        _say(f"Prefect UI: {api_url.removesuffix('/api')}")
+        _say(f"drop an image and a JSON into {_where(settings.inbox)}; videos appear in {_where(settings.outbox)}")
+        _say("Ctrl-C stops everything")
+        _watch(stop, supervisor=sup)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        _say("stopping ...")
+        sup.stop()
+
+
+def _where(location: str) -> str:
+    return location if location.startswith("s3://") else str(Path(location).resolve())
+
+
+@app.command()
+def watch() -> None:
+    """Run the watcher: list the inbox, create one flow run per job, until Ctrl-C."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        _watch(stop)
+    except KeyboardInterrupt:
+        stop.set()
+
+
+def _watch(stop: threading.Event, supervisor: object | None = None) -> None:
+    import structlog
+
+    from infra.watch.run import build_watcher
+
+    watcher, closer = build_watcher()
+    thread = threading.Thread(target=watcher.run, args=(stop,), name="watcher", daemon=True)
+    thread.start()
+    log = structlog.get_logger("i2vflow.cli")
+    try:
+        while not stop.wait(1.0):
+            dead = supervisor.check() if supervisor is not None else []  # type: ignore[attr-defined]
+            if dead:
+                log.error("service.child_died", children=dead)
+                _say(f"{', '.join(dead)} stopped unexpectedly; see data/state/logs/. Stopping.")
+                stop.set()
+    finally:
+        stop.set()
+        thread.join(timeout=15)
+        closer()
+
+
+@app.command("gpu-worker")
+def gpu_worker(warm: bool = typer.Option(True, help="Load the model before taking jobs.")) -> None:
+    """Serve the render task in this process, keeping the model loaded across jobs."""
+    from prefect.task_worker import serve
+
+    from infra.logging import configure_logging
+    from infra.settings import get_settings
+    from tasks.render import engine_options, render_frames
+
+    settings = get_settings()
+    configure_logging(settings.resolved_log_file)
+    if warm:
+        from infra.engine.engine import get_engine
+
+        get_engine(engine_options()).warm_up(settings.model)
+    serve(render_frames, limit=1)
+
+
+@app.command("build-tiny")
+def build_tiny(target: Path = typer.Option(None, help="Folder to build into.")) -> None:
+    """Build the random-weight tiny I2VGen-XL offline (its videos are noise)."""
+    from infra.engine.tiny import build_tiny_i2vgenxl
+    from infra.settings import get_settings
+
+    path = build_tiny_i2vgenxl(target or get_settings().model_cache / "tiny-i2vgen-xl")
+    typer.echo(str(path))
+
+
+if __name__ == "__main__":
+    app()

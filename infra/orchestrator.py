@@ -1,0 +1,43 @@
+"""The watcher's line to the Prefect server: create flow runs and emit events.
+
+Why run_deployment with an idempotency key (and not an event trigger): the watcher needs the
+flow-run id back to record it in the ledger, it must fail loudly when the deployment is
+missing, and the idempotency key (the job id) makes a second submission of the same job,
+from a restarted or a second watcher, return the existing run instead of creating another.
+Events are still emitted, so automations can react to jobs and videos.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect.deployments import run_deployment
+from prefect.events import emit_event
+
+from infra.jobs import JobTicket
+
+
+def submit_job(ticket: JobTicket, deployment: str, source_kind: str, model: str) -> str:
+    """Create (or find) the generate-video flow run of this job; return its id."""
+    flow_run = run_deployment(
+        name=deployment,
+        parameters={"ticket": ticket.model_dump(mode="json")},
+        timeout=0,
+        idempotency_key=ticket.job_id,
+        flow_run_name=ticket.run_name,
+        tags=[f"source:{source_kind}", f"model:{model}"],
+    )
+    return str(flow_run.id)
+
+
+def emit_job_event(event: str, ticket: JobTicket, **payload: Any) -> None:
+    """Emit ``i2vflow.<event>`` about a job, with the job as the event's resource."""
+    emit_event(
+        event=f"i2vflow.{event}",
+        resource={
+            "prefect.resource.id": f"i2vflow.job.{ticket.job_id}",
+            "prefect.resource.name": ticket.stem,
+            "i2vflow.inbox": ticket.inbox,
+        },
+        payload={"stem": ticket.stem, "job_id": ticket.job_id, **payload},
+    )

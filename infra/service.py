@@ -1,0 +1,122 @@
+"""Start and stop the processes of one i2vflow host: Prefect server, worker, GPU worker.
+
+Why subprocesses: Prefect's server, its process worker and the GPU task worker are separate
+long-lived programs in production too; ``i2vflow up`` (and the test fixtures) start the same
+commands an operator would, in their own process groups, and stop all of them on exit.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+Progress = Callable[[str], None]
+
+
+def prefect_env(api_url: str, state_dir: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for every i2vflow process: one API, one result store, no telemetry.
+
+    The GPU task worker and the flows exchange task parameters and frames through result
+    storage, so they must agree on its location (a shared bucket across hosts).
+    """
+    env = dict(os.environ)
+    env.update({
+        "PREFECT_API_URL": api_url,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_LOCAL_STORAGE_PATH": str((state_dir / "prefect-results").resolve()),
+        "PREFECT_LOGGING_EXTRA_LOGGERS": "i2vflow",
+        "PYTHONUNBUFFERED": "1",
+        # The process worker's default 10 s poll would dominate drop-to-video time.
+        "PREFECT_WORKER_QUERY_SECONDS": os.environ.get("PREFECT_WORKER_QUERY_SECONDS", "2"),
+    })
+    env.update(extra or {})
+    return env
+
+
+def api_healthy(api_url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(f"{api_url}/health", timeout=timeout) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+@dataclass
+class Supervisor:
+    """Owns child processes; ``stop()`` ends them all (SIGTERM, then SIGKILL)."""
+
+    env: dict[str, str]
+    log_dir: Path
+    children: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the child
+        child = subprocess.Popen(argv, env=self.env, cwd=PROJECT_ROOT, stdout=log,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+        self.children[name] = child
+        return child
+
+    def stop(self, name: str | None = None, sig: int = signal.SIGTERM, grace: float = 10.0) -> None:
+        names = [name] if name else list(reversed(self.children))
+        for key in names:
+            child = self.children.pop(key, None)
+            if child is None or child.poll() is not None:
+                continue
+            os.killpg(child.pid, sig)
+            try:
+                child.wait(grace)
+            except subprocess.TimeoutExpired:
+                os.killpg(child.pid, signal.SIGKILL)
+                child.wait(5)
+
+    def check(self) -> list[str]:
+        """Names of children that died on their own."""
+        return [name for name, child in self.children.items() if child.poll() is not None]
+
+
+def start_prefect_server(sup: Supervisor, port: int, progress: Progress, timeout: float = 120) -> str:
+    """A local Prefect server on SQLite (its database under PREFECT_HOME)."""
+    api_url = f"http://127.0.0.1:{port}/api"
+    if api_healthy(api_url):
+        progress(f"reusing the Prefect server already answering at {api_url}")
+        return api_url
+    sup.start("prefect-server", [sys.executable, "-m", "prefect", "server", "start",
+                                 "--host", "127.0.0.1", "--port", str(port)])
+    deadline = time.monotonic() + timeout
+    while not api_healthy(api_url):
+        if time.monotonic() > deadline or sup.check():
+            raise RuntimeError(f"Prefect server did not start; see {sup.log_dir}/prefect-server.log")
+        progress("waiting for the Prefect server ...")
+        time.sleep(2)
+    return api_url
+
+
+def apply_deployments(env: dict[str, str], work_pool: str, gpu_limit: int) -> None:
+    """Create the work pool and the ``gpu`` concurrency limit, then deploy prefect.yaml."""
+    def prefect(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "prefect", *args], env=env, cwd=PROJECT_ROOT,
+                              capture_output=True, text=True, check=check, timeout=180)
+
+    pools = prefect("work-pool", "ls")
+    if work_pool not in pools.stdout:
+        prefect("work-pool", "create", work_pool, "--type", "process")
+    prefect("concurrency-limit", "create", "gpu", str(gpu_limit))
+    result = prefect("--no-prompt", "deploy", "--all", check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"prefect deploy failed:\n{result.stdout}\n{result.stderr}")
+
+
+def start_workers(sup: Supervisor, work_pool: str) -> None:
+    """A process worker (runs flows, one process per run) and the warm GPU task worker."""
+    sup.start("flow-worker", [sys.executable, "-m", "prefect", "worker", "start",
+                              "--pool", work_pool, "--type", "process"])
+    sup.start("gpu-worker", [sys.executable, "-m", "infra.cli", "gpu-worker"])

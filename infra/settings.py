@@ -1,0 +1,98 @@
+"""All i2vflow configuration in one pydantic-settings object.
+
+Why: one place, one prefix. Every knob is an environment variable ``I2VFLOW_<FIELD>``
+(``I2VFLOW_INBOX=s3://assets/inbox/``), optionally preset by a TOML file named in
+``I2VFLOW_CONFIG``; the environment wins over the file. Secrets are ``SecretStr`` so they
+print as ``**********`` wherever a settings object is logged.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+
+class Settings(BaseSettings):
+    """Settings of the watcher, the workers and the engine."""
+
+    model_config = SettingsConfigDict(env_prefix="I2VFLOW_", extra="forbid")
+
+    # Where jobs come from and where videos go: a folder path or s3://bucket/prefix.
+    inbox: str = "data/inbox"
+    outbox: str = "data/outbox"
+    # Ledger, logs and other local state of this host.
+    state_dir: Path = Path("data/state")
+    log_file: Path | None = None  # default: <state_dir>/logs/i2vflow.log
+
+    # Watcher.
+    rescan_seconds: float = Field(2.0, gt=0, description="Full rescan interval (the truth).")
+    settle_seconds: float = Field(0.5, ge=0, description="Min gap between the two looks.")
+    submit_lease_seconds: float = Field(120.0, gt=0)
+    max_spec_bytes: int = Field(256 * 1024, gt=0)
+    max_image_bytes: int = Field(50 * 1024 * 1024, gt=0)
+    max_image_pixels: int = Field(40_000_000, gt=0)
+
+    # Prefect wiring.
+    deployment: str = "generate-video/generate-video"
+    work_pool: str = "i2vflow"
+    gpu_limit: int = Field(1, ge=1, description="Renders at once per GPU concurrency slot.")
+    render_timeout_seconds: float = Field(1800.0, gt=0)
+
+    # Model engine.
+    model: str = "tiny"
+    model_cache: Path = Path("data/models")
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    memory_mode: Literal["auto", "full", "slicing", "offload"] = "auto"
+    oom_fallback: bool = True
+
+    # S3-compatible bucket (used when inbox/outbox start with s3://).
+    s3_endpoint: str = "localhost:9000"
+    s3_region: str | None = None
+    s3_secure: bool = False
+    s3_access_key: SecretStr | None = None
+    s3_secret_key: SecretStr | None = None
+    s3_secret_block: str | None = None  # Prefect Secret block holding "ACCESS:SECRET"
+    presign_expiry_seconds: int = Field(7 * 24 * 3600, gt=0, le=7 * 24 * 3600)
+    poll_seconds: float = Field(5.0, gt=0)
+    webhook_port: int = Field(0, ge=0, le=65535, description="0 disables the webhook.")
+    webhook_token: SecretStr | None = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get("I2VFLOW_CONFIG")
+        if config_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+        return tuple(sources)
+
+    @property
+    def resolved_log_file(self) -> Path:
+        return self.log_file or self.state_dir / "logs" / "i2vflow.log"
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.state_dir / "ledger.sqlite3"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()

@@ -1,0 +1,192 @@
+"""The watcher: list the inbox, settle, pair, record in the ledger, create flow runs.
+
+Why this shape: hints (watchdog events, bucket notifications) only decide *when* to look;
+every look lists the store, and only settled, paired files become jobs. The ledger makes the
+hand-off to Prefect exactly-once across restarts, duplicate events and several watchers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+
+from infra.jobs import JobTicket, is_ignored, make_job_id, resolve_reference
+from infra.ledger import Ledger
+from infra.settings import Settings
+from infra.store.base import ObjectInfo, Store
+from infra.watch.scanner import Candidate, Settler, pair
+
+log = structlog.get_logger("i2vflow.watcher")
+
+Submit = Callable[[JobTicket, str], str]  # (ticket, model) -> flow run id
+Notify = Callable[[str, JobTicket], None]  # (event name, ticket)
+
+
+@dataclass
+class ScanReport:
+    listed: int = 0
+    new_jobs: int = 0
+    submitted: int = 0
+    submit_errors: int = 0
+
+
+class Watcher:
+    """One inbox, one ledger, one way to submit. Run ``run()`` in a thread or a process."""
+
+    def __init__(self, settings: Settings, inbox: Store, inbox_location: str,
+                 outbox_location: str, ledger: Ledger, submit: Submit, notify: Notify,
+                 source_kind: str = "folder") -> None:
+        self.settings = settings
+        self.inbox = inbox
+        self.inbox_location = inbox_location
+        self.outbox_location = outbox_location
+        self.ledger = ledger
+        self.submit = submit
+        self.notify = notify
+        self.source_kind = source_kind
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
+        self.settler = Settler(settings.settle_seconds)
+        self.wake = threading.Event()
+        self._models: dict[str, str] = {}
+        self._backoff = 0.0
+
+    def scan_once(self) -> ScanReport:
+        """One look at the inbox: 1. list, 2. settle, 3. pair, 4. record, 5. submit."""
+        report = ScanReport()
+        listing = [info for info in self.inbox.list() if not is_ignored(info.key)]
+        report.listed = len(listing)
+        settled = self.settler.observe(listing)
+        settled_for = {key: self.settler.settled_for(key) for key in settled}
+        grace = max(self.settings.settle_seconds * 2, 1.0)
+        for candidate in pair(settled, self.settler.unsettled(), settled_for, grace):
+            ticket = self._ticket(candidate, settled)
+            if ticket is not None and self.ledger.record_detected(ticket):
+                report.new_jobs += 1
+                log.info("job.detected", job_id=ticket.job_id, input_key=ticket.stem,
+                         image_key=ticket.image_key, spec_key=ticket.spec_key)
+                self._safe_notify("job.detected", ticket)
+        self._submit_pending(report)
+        return report
+
+    def _ticket(self, candidate: Candidate, settled: dict[str, ObjectInfo]) -> JobTicket | None:
+        """Hash the candidate's files into a ticket; None while a referenced image is absent."""
+        spec_raw = self._read_small(candidate.spec_key) if candidate.spec_key else None
+        peek = _peek(spec_raw)
+        image_key, ref_error = candidate.image_key, None
+        if image_key is None:
+            reference = peek.get("image")
+            if not isinstance(reference, str):
+                return None  # a JSON waiting for its image
+            image_key = resolve_reference(candidate.spec_key or "", reference)
+            if image_key is None:
+                ref_error = f"'image' reference {reference!r} escapes the inbox"
+            elif image_key not in settled:
+                return None  # referenced image not there (yet)
+        image_sha = self._hash(settled[image_key]) if image_key else None
+        spec_sha = hashlib.sha256(spec_raw).hexdigest() if spec_raw is not None else None
+        defaults = [(key, self._hash(settled[key])) for key in candidate.defaults_keys]
+        ticket = JobTicket(
+            job_id=make_job_id(candidate.stem, image_sha, spec_sha, defaults),
+            stem=candidate.stem, inbox=self.inbox_location, outbox=self.outbox_location,
+            image_key=image_key, spec_key=candidate.spec_key,
+            defaults_keys=candidate.defaults_keys, image_sha256=image_sha,
+            spec_sha256=spec_sha, image_ref_error=ref_error,
+        )
+        model = peek.get("model")
+        self._models[ticket.job_id] = model if isinstance(model, str) else self.settings.model
+        return ticket
+
+    def _read_small(self, key: str) -> bytes:
+        info = self.inbox.stat(key)
+        if info is None or info.size > self.settings.max_spec_bytes:
+            return f"<{key} missing or over {self.settings.max_spec_bytes} bytes>".encode()
+        return self.inbox.read(key)
+
+    def _hash(self, info: ObjectInfo) -> str:
+        cached = self.ledger.cached_hash(self.inbox_location, info.key, info.size, info.version)
+        if cached:
+            return cached
+        digest = hashlib.sha256()
+        with self.inbox.open(info.key) as stream:
+            while chunk := stream.read(1 << 20):
+                digest.update(chunk)
+        sha = digest.hexdigest()
+        self.ledger.remember_hash(self.inbox_location, info.key, info.size, info.version, sha)
+        return sha
+
+    def _submit_pending(self, report: ScanReport) -> None:
+        for job_id in self.ledger.claimable():
+            if not self.ledger.claim(job_id, self.owner, self.settings.submit_lease_seconds):
+                continue  # another watcher holds it
+            record = self.ledger.get(job_id)
+            assert record is not None
+            model = self._models.get(job_id, self.settings.model)
+            try:
+                flow_run_id = self.submit(record.ticket, model)
+            except Exception as exc:  # the server may be down: keep the job, retry later
+                self.ledger.release(job_id, self.owner, repr(exc))
+                report.submit_errors += 1
+                log.warning("run.submit_failed", job_id=job_id, input_key=record.ticket.stem,
+                            error=repr(exc)[:500])
+                break  # back off: the next scan tries again
+            self.ledger.mark_submitted(job_id, flow_run_id)
+            report.submitted += 1
+            log.info("run.created", job_id=job_id, input_key=record.ticket.stem,
+                     flow_run_id=flow_run_id)
+
+    def _safe_notify(self, event: str, ticket: JobTicket) -> None:
+        try:
+            self.notify(event, ticket)
+        except Exception as exc:  # events are best effort; the run is what matters
+            log.warning("event.emit_failed", event=event, job_id=ticket.job_id, error=repr(exc))
+
+    def run(self, stop: threading.Event) -> None:
+        """Scan until ``stop`` is set: at once on a hint, else every ``rescan_seconds``.
+        Store or server failures back off exponentially (up to a minute), never crash."""
+        while not stop.is_set():
+            try:
+                report = self.scan_once()
+                self._backoff = 0.0 if not report.submit_errors else self._next_backoff()
+            except Exception as exc:
+                self._backoff = self._next_backoff()
+                log.error("scan.failed", error=repr(exc)[:500], retry_in=self._backoff)
+            pending_settle = bool(self.settler.unsettled())
+            wait = self._backoff or (
+                self.settings.settle_seconds if pending_settle else self.settings.rescan_seconds
+            )
+            woke = self.wake.wait(timeout=max(wait, 0.05))
+            if woke:
+                self.wake.clear()
+                stop.wait(self.settings.settle_seconds)  # let a burst of events finish
+
+    def _next_backoff(self) -> float:
+        return min(60.0, max(1.0, self._backoff * 2))
+
+
+def _peek(raw: bytes | None) -> dict[str, object]:
+    """Best-effort parse of a spec for routing hints; validation happens in the flow."""
+    if not raw:
+        return {}
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.2) -> bool:
+    """Poll ``predicate`` until true or ``timeout``; used by the CLI's start-up checks."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()

@@ -1,0 +1,104 @@
+"""Task: read the job's files from the inbox and turn them into a validated job.
+
+Why a task of its own: bad input is the common failure, and it must end here, with a precise
+report and no retries, before any GPU time is spent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+
+from prefect import task
+from pydantic import BaseModel, ConfigDict
+
+from infra.images import decode_image
+from infra.jobs import JobTicket
+from infra.settings import get_settings
+from infra.spec import BadInputError, ErrorReport, FieldProblem, JobSpec, derive_seed, resolve_spec
+from infra.store import open_store
+from infra.store.base import Store
+
+# Short side when a job names no size: the released model's native 512p; the tiny model
+# renders noise, so it gets a size that takes about a second on a CPU.
+DEFAULT_SHORT_SIDE = {"tiny": 64}
+FALLBACK_SHORT_SIDE = 512
+
+
+class PreparedJob(BaseModel):
+    """Everything the renderer needs, validated."""
+
+    model_config = ConfigDict(frozen=True)
+
+    spec: JobSpec
+    image_png: bytes
+    image_size: tuple[int, int]
+    width: int
+    height: int
+    seed: int
+    model: str
+    image_sha256: str
+    spec_sha256: str | None
+
+
+class InputChangedError(RuntimeError):
+    """The files changed after the watcher hashed them; the new content is a new job."""
+
+
+def _unsafe_reference(ticket: JobTicket) -> BadInputError:
+    item = FieldProblem(field="image", problem=f"{ticket.spec_key}: {ticket.image_ref_error}",
+                        fix="name an image in the same folder or below, e.g. \"image\": \"shoe.png\"")
+    return BadInputError(ErrorReport(error="unsafe_path", message=item.problem, problems=[item]))
+
+
+@task(name="load-inputs", retries=2, retry_delay_seconds=[2, 10],
+      retry_condition_fn=lambda task, run, state: not _is_final(state))
+def load_inputs(ticket: JobTicket) -> PreparedJob:
+    """1. read spec layers, 2. validate the spec, 3. read and check the image, 4. pick size and seed."""
+    settings = get_settings()
+    inbox = open_store(ticket.inbox, settings)
+    if ticket.image_key is None:
+        raise _unsafe_reference(ticket)
+    layers = [(key, _read(inbox, key, settings.max_spec_bytes, "spec")) for key in ticket.defaults_keys]
+    spec_raw = _read(inbox, ticket.spec_key, settings.max_spec_bytes, "spec") if ticket.spec_key else None
+    if spec_raw is not None:
+        layers.append((ticket.spec_key or "", spec_raw))
+    spec = resolve_spec(layers) if layers else resolve_spec([("(no JSON)", b"{}")])
+    image_raw = _read(inbox, ticket.image_key, settings.max_image_bytes, "image")
+    image_sha = hashlib.sha256(image_raw).hexdigest()
+    spec_sha = hashlib.sha256(spec_raw).hexdigest() if spec_raw is not None else None
+    if (image_sha, spec_sha) != (ticket.image_sha256, ticket.spec_sha256):
+        raise InputChangedError(f"{ticket.stem}: input changed after detection; the new content is a new job")
+    image = decode_image(image_raw, ticket.image_key, settings.max_image_pixels)
+    model = spec.model or settings.model
+    width, height = spec.frame_size(*image.size, DEFAULT_SHORT_SIDE.get(model, FALLBACK_SHORT_SIDE))
+    png = io.BytesIO()
+    image.save(png, format="PNG")
+    return PreparedJob(
+        spec=spec, image_png=png.getvalue(), image_size=image.size, width=width, height=height,
+        seed=spec.seed if spec.seed is not None else derive_seed(image_sha, spec), model=model,
+        image_sha256=image_sha, spec_sha256=spec_sha,
+    )
+
+
+def _read(store: Store, key: str, max_bytes: int, field: str) -> bytes:
+    """Read a whole input, refusing oversized ones as bad input and vanished ones as changed."""
+    info = store.stat(key)
+    if info is None:
+        raise InputChangedError(f"{key}: deleted after detection")
+    if info.size > max_bytes:
+        item = FieldProblem(field=field, problem=f"{key}: {info.size:,} bytes, over the {max_bytes:,} byte limit",
+                            fix="a spec is a small JSON object; an image should be under the limit (resize it)")
+        raise BadInputError(ErrorReport(error=f"{field}_too_large", message=item.problem, problems=[item]))
+    return store.read(key)
+
+
+def _is_final(state: object) -> bool:
+    """Bad input and changed input are final: retrying cannot help."""
+    try:
+        state.result()  # type: ignore[attr-defined]
+    except (BadInputError, InputChangedError):
+        return True
+    except Exception:
+        return False
+    return False

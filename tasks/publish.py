@@ -1,0 +1,94 @@
+"""Tasks: deliver the video and its sidecar, or the error report, into the outbox.
+
+Why the order: the MP4 goes first and the sidecar last, each written atomically, so a sidecar
+in the outbox always means a whole video beside it. A stale ``NAME.error.json`` from an
+earlier bad drop is removed once the fixed drop succeeds.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import UTC, datetime
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import structlog
+from infra.engine.video import VideoInfo
+from prefect import runtime, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
+
+from infra.jobs import JobTicket
+from infra.orchestrator import emit_job_event
+from infra.settings import get_settings
+from infra.spec import ErrorReport
+from infra.store import open_store
+
+log = structlog.get_logger("i2vflow.publish")
+
+
+def i2vflow_version() -> str:
+    return version("i2vflow")
+
+
+def _artifact_key(ticket: JobTicket, kind: str) -> str:
+    slug = re.sub(r"[^a-z0-9-]+", "-", ticket.stem.lower()).strip("-")[:40] or "job"
+    return f"{kind}-{slug}-{ticket.short_id}"
+
+
+@task(name="publish-video", retries=3, retry_delay_seconds=[2, 10, 30])
+def publish_video(ticket: JobTicket, video: VideoInfo, sidecar: dict[str, Any]) -> dict[str, Any]:
+    """1. upload the MP4, 2. write the sidecar, 3. clear a stale error file, 4. artifacts, event."""
+    settings = get_settings()
+    outbox = open_store(ticket.outbox, settings)
+    video_key, sidecar_key = ticket.output_key(".mp4"), ticket.output_key(".json")
+    outbox.write_file(video_key, str(video.path), content_type="video/mp4")
+    sidecar = {**sidecar, "video": {"key": video_key, "url": outbox.url(video_key), "bytes": video.bytes}}
+    outbox.write(sidecar_key, json.dumps(sidecar, indent=2, default=str).encode(), "application/json")
+    outbox.delete(ticket.output_key(".error.json"))
+    Path(video.path).unlink(missing_ok=True)
+    _video_artifacts(ticket, outbox, video_key, sidecar)
+    emit_job_event("video.published", ticket, video_key=video_key, url=outbox.url(video_key))
+    log.info("video.published", job_id=ticket.job_id, input_key=ticket.stem, video_key=video_key)
+    return sidecar
+
+
+def _video_artifacts(ticket: JobTicket, outbox: Any, video_key: str, sidecar: dict[str, Any]) -> None:
+    spec = sidecar["spec"]
+    rows = "\n".join(f"| {k} | {v} |" for k, v in spec.items() if v is not None)
+    warning = f"\n\n> **{sidecar['model']['warning']}**" if sidecar["model"].get("warning") else ""
+    create_markdown_artifact(
+        key=_artifact_key(ticket, "video"),
+        markdown=f"# {ticket.stem}\n\nVideo: `{outbox.url(video_key)}`  \n"
+        f"Model: `{sidecar['model']['name']}`, seed {sidecar['seed']}, "
+        f"{sidecar['frames']} frames at {sidecar['fps']} fps, {sidecar['width']}x{sidecar['height']}"
+        f"{warning}\n\n| parameter | value |\n| --- | --- |\n{rows}\n",
+        description=f"i2vflow video for {ticket.stem}",
+    )
+    presign = getattr(outbox, "presigned_url", None)
+    if presign is not None:
+        from datetime import timedelta
+
+        link = presign(video_key, timedelta(seconds=get_settings().presign_expiry_seconds))
+        create_link_artifact(key=_artifact_key(ticket, "link"), link=link, link_text=video_key)
+
+
+@task(name="write-error-report", retries=3, retry_delay_seconds=[2, 10, 30])
+def write_error_report(ticket: JobTicket, report: ErrorReport) -> str:
+    """Put ``NAME.error.json`` beside where the video would have gone; inputs stay untouched."""
+    outbox = open_store(ticket.outbox, get_settings())
+    key = ticket.output_key(".error.json")
+    full = report.model_copy(update={
+        "inputs": {"image": ticket.image_key, "spec": ticket.spec_key,
+                   "defaults": ", ".join(ticket.defaults_keys) or None},
+        "job_id": ticket.job_id,
+        "flow_run_id": runtime.flow_run.id,
+        "i2vflow_version": i2vflow_version(),
+    })
+    body = {**full.model_dump(), "written_at": datetime.now(UTC).isoformat()}
+    outbox.write(key, json.dumps(body, indent=2).encode(), "application/json")
+    emit_job_event("job.failed", ticket, error=report.error, message=report.message)
+    log.warning("job.rejected", job_id=ticket.job_id, input_key=ticket.stem, error=report.error,
+                message=report.message, report_key=key)
+    return key

@@ -1,0 +1,69 @@
+"""Task: render a job's frames on the model, inside the long-lived GPU task worker.
+
+Why a task worker: a process worker starts a fresh Python process per flow run and would
+load the model every time; ``i2vflow gpu-worker`` serves this task in one process that keeps
+the pipeline warm. Tagged ``gpu`` (a concurrency limit keeps one render per GPU slot) and
+``model:<name>`` (set by the flow). Transient failures retry with backoff; bad input never does.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+from prefect import task
+from pydantic import BaseModel, ConfigDict
+
+from tasks.inputs import PreparedJob
+
+GPU_TAG = "gpu"
+
+
+class RenderedFrames(BaseModel):
+    """Frames (uint8, F x H x W x 3) and what produced them."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
+
+    frames: Any  # numpy array; kept Any so pydantic does not copy it
+    engine: dict[str, Any]
+
+
+def engine_options() -> Any:
+    """The engine settings of this worker, from the environment (``I2VFLOW_DEVICE`` ...)."""
+    from infra.engine.loader import EngineOptions
+    from infra.settings import get_settings
+
+    settings = get_settings()
+    return EngineOptions(device=settings.device, dtype=settings.dtype,
+                         memory_mode=settings.memory_mode, oom_fallback=settings.oom_fallback)
+
+
+def _retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:
+    try:
+        state.result()
+    except ValueError:  # check_inputs and BadInputError: retrying cannot help
+        return False
+    except Exception:
+        return True
+    return False
+
+
+@task(name="render-frames", tags=[GPU_TAG], retries=2, retry_delay_seconds=[10, 60],
+      retry_condition_fn=_retry_unless_bad_input, persist_result=True)
+def render_frames(job: PreparedJob) -> RenderedFrames:
+    """1. get the warm engine, 2. render, 3. hand back frames and the engine's account."""
+    from PIL import Image
+
+    from infra.engine.engine import RenderRequest, get_engine
+
+    engine = get_engine(engine_options())
+    spec = job.spec
+    result = engine.render(RenderRequest(
+        image=Image.open(io.BytesIO(job.image_png)).convert("RGB"), prompt=spec.prompt,
+        negative_prompt=spec.negative_prompt, num_frames=spec.num_frames, fps=spec.fps,
+        steps=spec.steps, guidance_scale=spec.guidance_scale, width=job.width,
+        height=job.height, seed=job.seed, model=job.model,
+    ))
+    account = {k: v for k, v in vars(result).items() if k != "frames"}
+    return RenderedFrames(frames=np.ascontiguousarray(result.frames), engine=account)
