@@ -11,6 +11,7 @@ a test that calls ``moto.mock_aws`` resets them, so give each test its own bucke
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -54,7 +55,12 @@ class S3Server:
 
 
 def start_moto() -> tuple[ThreadedMotoServer, S3Server]:
-    """Start a moto server on a free port of 127.0.0.1 (port 0: the OS picks, no race)."""
+    """Start a moto server on a free port of 127.0.0.1 (port 0: the OS picks, no race).
+
+    Its werkzeug access log is turned down to warnings: one line per request drowns test
+    output, and presigned-URL lines carry the access key id.
+    """
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()

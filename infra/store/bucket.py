@@ -57,9 +57,7 @@ def make_client(
         secure, endpoint = match.group(1) == "https", match.group(2)
     http = urllib3.PoolManager(
         timeout=urllib3.Timeout(connect=connect_timeout, read=read_timeout),
-        retries=urllib3.Retry(
-            total=retries, backoff_factor=0.5, status_forcelist=(500, 502, 503, 504)
-        ),
+        retries=urllib3.Retry(total=retries, backoff_factor=0.5, status_forcelist=(500, 502, 503, 504)),
         maxsize=10,
     )
     return Minio(
@@ -121,9 +119,7 @@ class BucketStore:
         """
         check_key(prefix, prefix=True)
         try:
-            objects = self._client.list_objects(
-                self._bucket, prefix=self._prefix + prefix, recursive=True
-            )
+            objects = self._client.list_objects(self._bucket, prefix=self._prefix + prefix, recursive=True)
             for obj in objects:
                 info = self._info(obj.object_name or "", obj.size, obj.etag)
                 if info is not None:
@@ -197,9 +193,7 @@ class BucketStore:
         except _TRANSPORT_ERRORS as exc:
             raise self._fail("write", key, exc) from exc
 
-    def write_file(
-        self, key: str, path: str, content_type: str = "application/octet-stream"
-    ) -> None:
+    def write_file(self, key: str, path: str, content_type: str = "application/octet-stream") -> None:
         """Stream a local file; above ``PART_SIZE`` it goes multipart (ETag then ends in -N).
 
         A failed multipart upload never shows a partial object: S3 assembles the object only

@@ -146,9 +146,7 @@ class FolderStore:
         """Write ``data`` atomically (``content_type`` is meaningless on a disk and ignored)."""
         self._atomic(key, lambda f: f.write(data))
 
-    def write_file(
-        self, key: str, path: str, content_type: str = "application/octet-stream"
-    ) -> None:
+    def write_file(self, key: str, path: str, content_type: str = "application/octet-stream") -> None:
         """Copy the local file at ``path`` atomically, streaming it in 1 MiB chunks."""
 
         def copy(f: BinaryIO) -> None:
