@@ -1,0 +1,152 @@
+"""Rendering with the tiny model on CPU: shapes, determinism, warm cache, input checks, OOM."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from infra.engine.engine import (
+    Engine,
+    RenderOutOfMemory,
+    RenderRequest,
+    get_engine,
+    model_loads_in_process,
+)
+from infra.engine.loader import EngineOptions
+
+MakeRequest = Callable[..., RenderRequest]
+
+
+def test_render_gives_uint8_frames_and_an_honest_account(engine: Engine, make_request: MakeRequest) -> None:
+    result = engine.render(make_request())
+
+    assert result.frames.dtype == np.uint8
+    assert result.frames.shape == (8, 64, 64, 3)
+    assert result.frames.std() > 0  # noise, but not a blank video
+    assert (result.model_name, result.is_noise) == ("tiny", True)
+    assert (result.device, result.dtype, result.memory_mode) == ("cpu", "float32", "full")
+    assert (result.seed, result.pid, result.oom_fallback_used) == (7, os.getpid(), False)
+    assert result.render_seconds > 0
+
+
+def test_same_seed_gives_identical_frames_and_another_seed_does_not(
+    engine: Engine, make_request: MakeRequest
+) -> None:
+    first = engine.render(make_request(seed=123)).frames
+    torch.rand(1000)  # disturb the global RNG between calls: the engine must reseed it
+    second = engine.render(make_request(seed=123)).frames
+    other = engine.render(make_request(seed=124)).frames
+
+    np.testing.assert_array_equal(first, second)
+    assert not np.array_equal(first, other)
+
+
+def test_non_square_size_and_negative_prompt(engine: Engine, make_request: MakeRequest) -> None:
+    result = engine.render(make_request(width=96, height=48, num_frames=4, negative_prompt="blurry, dark"))
+
+    assert result.frames.shape == (4, 48, 96, 3)
+
+
+def test_model_loads_once_and_stays_warm(model_cache: Path, make_request: MakeRequest) -> None:
+    engine = Engine(EngineOptions(device="cpu"), model_cache=model_cache)
+    before = model_loads_in_process()
+
+    results = [engine.render(make_request(seed=seed)) for seed in (1, 2, 3)]
+    by_path = engine.render(make_request(model=str(model_cache / "tiny-i2vgen-xl")))
+
+    assert model_loads_in_process() - before == 1
+    assert results[0].load_seconds > 0
+    assert [r.load_seconds for r in results[1:]] == [0.0, 0.0]
+    assert by_path.load_seconds == 0.0  # same weights by folder path: same cached pipeline
+    assert results[-1].model_loads_in_process == before + 1
+
+
+def test_get_engine_is_one_engine_per_process_and_options() -> None:
+    options = EngineOptions(device="cpu")
+
+    assert get_engine(options) is get_engine(EngineOptions(device="cpu"))
+    assert get_engine(options) is not get_engine(EngineOptions(device="cpu", dtype="bfloat16"))
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "allowed"),
+    [
+        ("width", 60, "multiple of 8"),
+        ("height", 0, "[32, 2048]"),
+        ("width", 64.0, "integer"),
+        ("num_frames", 0, "[1, 256]"),
+        ("fps", 0, "[1, 120]"),
+        ("steps", 501, "[1, 500]"),
+        ("guidance_scale", -1.0, "[0.0, 50.0]"),
+        ("seed", -1, "[0, "),
+        ("image", "cat.png", "PIL.Image.Image"),
+        ("prompt", None, "string"),
+        ("negative_prompt", 3, "string or None"),
+        ("model", "", "non-empty"),
+    ],
+)
+def test_check_inputs_names_the_field_and_range(
+    engine: Engine, make_request: MakeRequest, field: str, value: Any, allowed: str
+) -> None:
+    before = model_loads_in_process()
+
+    with pytest.raises(ValueError, match=f"`{field}`") as caught:
+        engine.render(make_request(**{field: value}))
+
+    assert allowed in str(caught.value)
+    assert model_loads_in_process() == before  # refused before touching a model
+
+
+def test_unknown_model_is_refused_with_the_registry_names(engine: Engine, make_request: MakeRequest) -> None:
+    with pytest.raises(ValueError, match="'tiny-xl'.*Registry names: i2vgen-xl, tiny"):
+        engine.render(make_request(model="tiny-xl"))
+
+
+def _fail_first_unet_call_with_oom(engine: Engine, request: RenderRequest) -> None:
+    """Fault injection: the next UNet forward of the warm pipeline raises a CUDA-style OOM."""
+    loaded = engine.warm(request.model)
+
+    def raise_oom(*_args: Any) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory (injected by the test)")
+
+    loaded.pipeline.unet.register_forward_pre_hook(raise_oom)
+
+
+def test_out_of_memory_falls_back_to_a_reload_in_offload_mode(
+    model_cache: Path, make_request: MakeRequest
+) -> None:
+    engine = Engine(EngineOptions(device="cpu"), model_cache=model_cache)
+    request = make_request()
+    expected = engine.render(request).frames
+    _fail_first_unet_call_with_oom(engine, request)
+    before = model_loads_in_process()
+
+    result = engine.render(request)
+
+    assert result.oom_fallback_used
+    assert model_loads_in_process() == before + 1  # the OOM-ing copy was replaced
+    assert result.load_seconds > 0
+    np.testing.assert_array_equal(result.frames, expected)
+    assert not engine.render(request).oom_fallback_used  # the reloaded model stays warm
+
+
+def test_out_of_memory_without_fallback_says_what_to_lower(
+    model_cache: Path, make_request: MakeRequest
+) -> None:
+    engine = Engine(EngineOptions(device="cpu", oom_fallback=False), model_cache=model_cache)
+    request = make_request()
+    _fail_first_unet_call_with_oom(engine, request)
+
+    with pytest.raises(RenderOutOfMemory) as caught:
+        engine.render(request)
+
+    message = str(caught.value)
+    for needle in ("64x64", "8 frames", "width/height", "num_frames", "offload"):
+        assert needle in message
+    assert isinstance(caught.value, RuntimeError)

@@ -1,0 +1,75 @@
+"""MP4 encoding: frames counted back, odd sizes refused, probe reads what was written."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from infra.engine.engine import Engine, RenderRequest
+from infra.engine.video import VideoEncodeError, encode_mp4, probe_mp4
+
+
+def _frames(count: int, height: int, width: int) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, size=(count, height, width, 3), dtype=np.uint8)
+
+
+def test_encode_round_trip_counts_frames_size_and_fps(tmp_path: Path) -> None:
+    path = tmp_path / "out" / "clip.mp4"
+
+    info = encode_mp4(_frames(12, 48, 64), 8, path)
+
+    assert info.path == path and path.is_file()
+    assert (info.frames, info.width, info.height, info.fps) == (12, 64, 48, 8.0)
+    assert info.bytes == path.stat().st_size > 0
+    assert info.seconds == pytest.approx(1.5, abs=0.2)
+    assert probe_mp4(path) == info
+    assert [p.name for p in path.parent.iterdir()] == ["clip.mp4"]  # no temp file left
+
+
+@pytest.mark.parametrize(("height", "width"), [(63, 64), (64, 65)])
+def test_odd_sizes_are_refused_before_ffmpeg_writes_an_empty_file(
+    tmp_path: Path, height: int, width: int
+) -> None:
+    path = tmp_path / "odd.mp4"
+
+    with pytest.raises(ValueError, match="must be even"):
+        encode_mp4(_frames(4, height, width), 8, path)
+
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("frames", "fps", "match"),
+    [
+        (np.zeros((4, 64, 64, 3), dtype=np.float32), 8, "uint8"),
+        (np.zeros((64, 64, 3), dtype=np.uint8), 8, r"\(F>=1, H, W, 3\)"),
+        (np.zeros((0, 64, 64, 3), dtype=np.uint8), 8, r"\(F>=1, H, W, 3\)"),
+        (np.zeros((4, 64, 64, 3), dtype=np.uint8), 0, "`fps`"),
+    ],
+)
+def test_bad_frames_or_fps_are_refused(tmp_path: Path, frames: np.ndarray, fps: int, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        encode_mp4(frames, fps, tmp_path / "bad.mp4")
+
+
+def test_probe_refuses_missing_and_empty_files(tmp_path: Path) -> None:
+    (tmp_path / "empty.mp4").touch()
+
+    for name in ("empty.mp4", "missing.mp4"):
+        with pytest.raises(VideoEncodeError, match="missing or empty"):
+            probe_mp4(tmp_path / name)
+
+
+def test_rendered_frames_encode_to_a_playable_video(
+    engine: Engine, make_request: Callable[..., RenderRequest], tmp_path: Path
+) -> None:
+    result = engine.render(make_request(num_frames=8, fps=4, width=96, height=64))
+
+    info = encode_mp4(result.frames, 4, tmp_path / "video.mp4")
+
+    assert (info.frames, info.width, info.height, info.fps) == (8, 96, 64, 4.0)
+    assert info.seconds == pytest.approx(2.0, abs=0.3)
