@@ -95,7 +95,9 @@ def check_inputs(request: RenderRequest) -> None:
     if not isinstance(request.prompt, str):
         raise ValueError(f"`prompt` must be a string but is {type(request.prompt)}")
     if request.negative_prompt is not None and not isinstance(request.negative_prompt, str):
-        raise ValueError(f"`negative_prompt` must be a string or None but is {type(request.negative_prompt)}")
+        raise ValueError(
+            f"`negative_prompt` must be a string or None but is {type(request.negative_prompt)}"
+        )
     for name in ("width", "height"):
         value = getattr(request, name)
         _check_int(name, value, MIN_SIZE, MAX_SIZE)
@@ -112,7 +114,8 @@ def check_inputs(request: RenderRequest) -> None:
         or not MIN_GUIDANCE <= guidance <= MAX_GUIDANCE
     ):
         raise ValueError(
-            f"`guidance_scale` must be a number in [{MIN_GUIDANCE}, {MAX_GUIDANCE}] but is {guidance!r}"
+            f"`guidance_scale` must be a number in [{MIN_GUIDANCE}, {MAX_GUIDANCE}] "
+            f"but is {guidance!r}"
         )
     if not isinstance(request.model, str) or not request.model.strip():
         raise ValueError(f"`model` must be a non-empty string but is {request.model!r}")

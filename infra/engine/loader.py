@@ -51,13 +51,21 @@ class EngineOptions:
     def check(self) -> None:
         """Raise a precise ``ValueError`` for an option outside its allowed values."""
         if self.device not in DEVICES and not _is_cuda_index(self.device):
-            raise ValueError(f"`device` must be one of {DEVICES} or 'cuda:N' but is {self.device!r}")
+            raise ValueError(
+                f"`device` must be one of {DEVICES} or 'cuda:N' but is {self.device!r}"
+            )
         if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise ValueError(f"`dtype` must be 'auto' or one of {tuple(DTYPES)} but is {self.dtype!r}")
+            raise ValueError(
+                f"`dtype` must be 'auto' or one of {tuple(DTYPES)} but is {self.dtype!r}"
+            )
         if self.memory_mode not in MEMORY_MODES:
-            raise ValueError(f"`memory_mode` must be one of {MEMORY_MODES} but is {self.memory_mode!r}")
+            raise ValueError(
+                f"`memory_mode` must be one of {MEMORY_MODES} but is {self.memory_mode!r}"
+            )
         if self.decode_chunk_size is not None and self.decode_chunk_size < 1:
-            raise ValueError(f"`decode_chunk_size` must be None or >= 1 but is {self.decode_chunk_size}")
+            raise ValueError(
+                f"`decode_chunk_size` must be None or >= 1 but is {self.decode_chunk_size}"
+            )
 
 
 @dataclass

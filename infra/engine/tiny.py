@@ -116,7 +116,9 @@ def build_components() -> dict[str, Any]:
         "unet": I2VGenXLUNet.from_config(_config("unet")).eval(),
         "vae": AutoencoderKL.from_config(_config("vae")).eval(),
         "text_encoder": CLIPTextModel(text_config).eval(),
-        "image_encoder": CLIPVisionModelWithProjection(CLIPVisionConfig(**_config("image_encoder"))).eval(),
+        "image_encoder": CLIPVisionModelWithProjection(
+            CLIPVisionConfig(**_config("image_encoder"))
+        ).eval(),
         "feature_extractor": CLIPImageProcessor(**_config("feature_extractor")),
         "scheduler": DDIMScheduler.from_config(_config("scheduler")),
         "tokenizer": tokenizer,

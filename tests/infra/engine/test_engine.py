@@ -23,7 +23,9 @@ from infra.engine.loader import EngineOptions
 MakeRequest = Callable[..., RenderRequest]
 
 
-def test_render_gives_uint8_frames_and_an_honest_account(engine: Engine, make_request: MakeRequest) -> None:
+def test_render_gives_uint8_frames_and_an_honest_account(
+    engine: Engine, make_request: MakeRequest
+) -> None:
     result = engine.render(make_request())
 
     assert result.frames.dtype == np.uint8
@@ -48,7 +50,9 @@ def test_same_seed_gives_identical_frames_and_another_seed_does_not(
 
 
 def test_non_square_size_and_negative_prompt(engine: Engine, make_request: MakeRequest) -> None:
-    result = engine.render(make_request(width=96, height=48, num_frames=4, negative_prompt="blurry, dark"))
+    result = engine.render(
+        make_request(width=96, height=48, num_frames=4, negative_prompt="blurry, dark")
+    )
 
     assert result.frames.shape == (4, 48, 96, 3)
 
@@ -103,7 +107,9 @@ def test_check_inputs_names_the_field_and_range(
     assert model_loads_in_process() == before  # refused before touching a model
 
 
-def test_unknown_model_is_refused_with_the_registry_names(engine: Engine, make_request: MakeRequest) -> None:
+def test_unknown_model_is_refused_with_the_registry_names(
+    engine: Engine, make_request: MakeRequest
+) -> None:
     with pytest.raises(ValueError, match="'tiny-xl'.*Registry names: i2vgen-xl, tiny"):
         engine.render(make_request(model="tiny-xl"))
 

@@ -38,7 +38,9 @@ def test_i2vgen_xl_name_is_the_hub_checkpoint_in_fp16(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []  # nothing fetched or built
 
 
-def test_local_folder_resolves_and_the_tiny_marker_means_noise(tiny_dir: Path, tmp_path: Path) -> None:
+def test_local_folder_resolves_and_the_tiny_marker_means_noise(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
     assert resolve_model(str(tiny_dir), tmp_path) == ModelEntry(
         name=str(tiny_dir), source=str(tiny_dir.resolve()), is_noise=True
     )
@@ -74,5 +76,10 @@ def test_bad_values_name_the_value_and_the_registry(value: str, tmp_path: Path) 
 
 
 def test_noise_warning_says_how_to_get_real_videos() -> None:
-    for needle in ("noise", "I2VFLOW_MODEL=i2vgen-xl", "I2VFLOW_MODEL=/path/to/i2vgen-xl", '"model"'):
+    for needle in (
+        "noise",
+        "I2VFLOW_MODEL=i2vgen-xl",
+        "I2VFLOW_MODEL=/path/to/i2vgen-xl",
+        '"model"',
+    ):
         assert needle in NOISE_WARNING

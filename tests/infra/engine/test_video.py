@@ -51,7 +51,9 @@ def test_odd_sizes_are_refused_before_ffmpeg_writes_an_empty_file(
         (np.zeros((4, 64, 64, 3), dtype=np.uint8), 0, "`fps`"),
     ],
 )
-def test_bad_frames_or_fps_are_refused(tmp_path: Path, frames: np.ndarray, fps: int, match: str) -> None:
+def test_bad_frames_or_fps_are_refused(
+    tmp_path: Path, frames: np.ndarray, fps: int, match: str
+) -> None:
     with pytest.raises(ValueError, match=match):
         encode_mp4(frames, fps, tmp_path / "bad.mp4")
 
