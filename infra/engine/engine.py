@@ -133,11 +133,13 @@ def frames_to_uint8(frames: np.ndarray) -> np.ndarray:
 
 def out_of_memory_message(request: RenderRequest, loaded: LoadedModel) -> str:
     """Explain an OOM with the request's size and what to lower, in that order of effect."""
+    advice = "Lower width/height or num_frames"
+    if loaded.memory_mode != "offload":
+        advice += ", or set I2VFLOW_MEMORY_MODE=offload (or keep I2VFLOW_OOM_FALLBACK=true)"
     return (
         f"Out of GPU memory rendering {request.width}x{request.height}, "
         f"{request.num_frames} frames with model {loaded.entry.name!r} on {loaded.device} "
-        f"(memory_mode={loaded.memory_mode}). Lower width/height or num_frames, or set "
-        "I2VFLOW_MEMORY_MODE=offload (and keep I2VFLOW_OOM_FALLBACK=true)."
+        f"(memory_mode={loaded.memory_mode}). {advice}."
     )
 
 

@@ -153,6 +153,6 @@ def test_out_of_memory_without_fallback_says_what_to_lower(
         engine.render(request)
 
     message = str(caught.value)
-    for needle in ("64x64", "8 frames", "width/height", "num_frames", "offload"):
+    for needle in ("64x64", "8 frames", "width/height", "num_frames", "MEMORY_MODE=offload"):
         assert needle in message
     assert isinstance(caught.value, RuntimeError)
