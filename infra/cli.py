@@ -113,7 +113,7 @@ def gpu_worker(warm: bool = typer.Option(True, help="Load the model before takin
     if warm:
         from infra.engine.engine import get_engine
 
-        get_engine(engine_options()).warm_up(settings.model)
+        get_engine(engine_options()).warm(settings.model)
     serve(render_frames, limit=1)
 
 

@@ -12,6 +12,7 @@ States: detected -> submitting (claimed, leased) -> submitted (flow run id) -> d
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -56,11 +57,13 @@ class JobRecord:
 
 
 class Ledger:
-    """A SQLite ledger of jobs. Open one per thread; connections are not shared."""
+    """A SQLite ledger of jobs. Thread-safe within a process (one lock around the
+    connection); processes coordinate through SQLite's own locking."""
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, timeout=30, isolation_level=None)
+        self._db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        self._lock = threading.RLock()
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
@@ -70,13 +73,18 @@ class Ledger:
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def _query(self, sql: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
 
     def record_detected(self, ticket: JobTicket) -> bool:
         """Insert a newly seen job. False when the job (same content) is already known."""
@@ -103,12 +111,12 @@ class Ledger:
 
     def claimable(self, limit: int = 500) -> list[str]:
         """Jobs waiting for a run: new ones and those whose submitter's lease ran out."""
-        rows = self._db.execute(
+        rows = self._query(
             "SELECT job_id FROM jobs WHERE state='detected' OR (state='submitting'"
             " AND lease_until < ?) ORDER BY created_at LIMIT ?",
             (time.time(), limit),
         )
-        return [row[0] for row in rows]
+        return [str(row[0]) for row in rows]
 
     def release(self, job_id: str, owner: str, error: str) -> None:
         """Give a claim back after a failed submit, so it is tried again later."""
@@ -136,33 +144,34 @@ class Ledger:
             )
 
     def get(self, job_id: str) -> JobRecord | None:
-        row = self._db.execute(
+        rows = self._query(
             "SELECT ticket, state, flow_run_id, attempts, last_error FROM jobs WHERE job_id=?",
             (job_id,),
-        ).fetchone()
-        if row is None:
+        )
+        if not rows:
             return None
-        return JobRecord(JobTicket.model_validate_json(row[0]), row[1], row[2], row[3], row[4])
+        ticket, state, flow_run_id, attempts, last_error = rows[0]
+        return JobRecord(JobTicket.model_validate_json(str(ticket)), str(state),
+                         flow_run_id, int(attempts), last_error)  # type: ignore[arg-type]
 
     def in_state(self, *states: str) -> list[JobRecord]:
         marks = ",".join("?" * len(states))
-        rows = self._db.execute(f"SELECT job_id FROM jobs WHERE state IN ({marks})", states)
-        return [record for (job_id,) in rows.fetchall() if (record := self.get(job_id))]
+        rows = self._query(f"SELECT job_id FROM jobs WHERE state IN ({marks})", states)
+        return [record for (job_id,) in rows if (record := self.get(str(job_id)))]
 
     def counts(self) -> dict[str, int]:
-        rows = self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state")
-        return dict(rows.fetchall())
+        rows = self._query("SELECT state, COUNT(*) FROM jobs GROUP BY state")
+        return {str(state): int(count) for state, count in rows}  # type: ignore[call-overload]
 
     def cached_hash(self, location: str, key: str, size: int, version: str) -> str | None:
         """The sha256 of an object version hashed before (saves re-reading on rescans)."""
-        row = self._db.execute(
+        rows = self._query(
             "SELECT sha256 FROM object_hashes WHERE location=? AND key=? AND size=? AND version=?",
             (location, key, size, version),
-        ).fetchone()
-        return row[0] if row else None
+        )
+        return str(rows[0][0]) if rows else None
 
     def remember_hash(self, location: str, key: str, size: int, version: str, sha256: str) -> None:
-        self._db.execute(
-            "INSERT OR REPLACE INTO object_hashes VALUES (?, ?, ?, ?, ?)",
-            (location, key, size, version, sha256),
-        )
+        with self._write() as db:
+            db.execute("INSERT OR REPLACE INTO object_hashes VALUES (?, ?, ?, ?, ?)",
+                       (location, key, size, version, sha256))

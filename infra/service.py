@@ -33,6 +33,7 @@ def prefect_env(api_url: str, state_dir: Path, extra: dict[str, str] | None = No
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_LOCAL_STORAGE_PATH": str((state_dir / "prefect-results").resolve()),
         "PREFECT_LOGGING_EXTRA_LOGGERS": "i2vflow",
+        "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
         "PYTHONUNBUFFERED": "1",
         # The process worker's default 10 s poll would dominate drop-to-video time.
         "PREFECT_WORKER_QUERY_SECONDS": os.environ.get("PREFECT_WORKER_QUERY_SECONDS", "2"),
@@ -119,4 +120,8 @@ def start_workers(sup: Supervisor, work_pool: str) -> None:
     """A process worker (runs flows, one process per run) and the warm GPU task worker."""
     sup.start("flow-worker", [sys.executable, "-m", "prefect", "worker", "start",
                               "--pool", work_pool, "--type", "process"])
-    sup.start("gpu-worker", [sys.executable, "-m", "infra.cli", "gpu-worker"])
+    start_gpu_worker(sup)
+
+
+def start_gpu_worker(sup: Supervisor) -> subprocess.Popen[bytes]:
+    return sup.start("gpu-worker", [sys.executable, "-m", "infra.cli", "gpu-worker"])

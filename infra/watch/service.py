@@ -158,10 +158,11 @@ class Watcher:
             except Exception as exc:
                 self._backoff = self._next_backoff()
                 log.error("scan.failed", error=repr(exc)[:500], retry_in=self._backoff)
+            if self._backoff:
+                stop.wait(self._backoff)  # hints must not cut a back-off short
+                continue
             pending_settle = bool(self.settler.unsettled())
-            wait = self._backoff or (
-                self.settings.settle_seconds if pending_settle else self.settings.rescan_seconds
-            )
+            wait = self.settings.settle_seconds if pending_settle else self.settings.rescan_seconds
             woke = self.wake.wait(timeout=max(wait, 0.05))
             if woke:
                 self.wake.clear()

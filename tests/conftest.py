@@ -1,0 +1,113 @@
+"""Session fixtures: a real Prefect server, real workers, the tiny model, a real S3 server.
+
+Why session scope: a Prefect server takes ~20 s to start on 2 cores and the GPU worker holds
+the model warm across jobs, exactly as in production; each test gets its own inbox, outbox
+and ledger, so tests stay independent while sharing the expensive parts.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+pytest_plugins = ["tests.s3server"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model cache holding the offline tiny I2VGen-XL, built once per session."""
+    from infra.engine.tiny import build_tiny_i2vgenxl
+
+    cache = tmp_path_factory.mktemp("model-cache")
+    build_tiny_i2vgenxl(cache / "tiny-i2vgen-xl")
+    return cache
+
+
+@pytest.fixture(scope="session")
+def prefect_api() -> Iterator[str]:
+    """A real Prefect server (SQLite in a temp dir) for the whole session."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield str(PREFECT_API_URL.value())
+
+
+@dataclass
+class Service:
+    """The running worker side of i2vflow: the deployment, a flow worker, the GPU worker."""
+
+    supervisor: object
+    env: dict[str, str]
+    state_dir: Path
+
+    def restart_gpu_worker(self) -> None:
+        from infra.service import start_gpu_worker
+
+        self.supervisor.stop("gpu-worker")  # type: ignore[attr-defined]
+        start_gpu_worker(self.supervisor)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def service(prefect_api: str, tiny_model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """Deploy prefect.yaml and start the same workers `i2vflow up` starts."""
+    from infra.service import Supervisor, apply_deployments, prefect_env, start_workers
+
+    state = tmp_path_factory.mktemp("service-state")
+    env = prefect_env(prefect_api, state, extra={
+        "I2VFLOW_MODEL_CACHE": str(tiny_model_cache),
+        "I2VFLOW_STATE_DIR": str(state),
+        "I2VFLOW_MODEL": "tiny",
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+    })
+    supervisor = Supervisor(env=env, log_dir=state / "logs")
+    apply_deployments(env, "i2vflow", gpu_limit=1)
+    start_workers(supervisor, "i2vflow")
+    yield Service(supervisor, env, state)
+    supervisor.stop()
+
+
+@dataclass
+class RunningWatcher:
+    watcher: object
+    stop_event: threading.Event
+    thread: threading.Thread
+    close: object
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.thread.join(timeout=20)
+        self.close()  # type: ignore[operator]
+
+
+@pytest.fixture
+def start_watcher(service: Service, tmp_path: Path) -> Iterator[object]:
+    """Start watchers in threads of this process; all are stopped after the test."""
+    from infra.settings import Settings
+    from infra.watch.run import build_watcher
+
+    running: list[RunningWatcher] = []
+
+    def start(inbox: Path, outbox: Path, state_dir: Path | None = None, **overrides: object) -> RunningWatcher:
+        settings = Settings(inbox=str(inbox), outbox=str(outbox), state_dir=state_dir or tmp_path / "state",
+                            rescan_seconds=1.0, settle_seconds=0.3, **overrides)
+        watcher, close = build_watcher(settings)
+        stop = threading.Event()
+        thread = threading.Thread(target=watcher.run, args=(stop,), daemon=True)
+        thread.start()
+        handle = RunningWatcher(watcher, stop, thread, close)
+        running.append(handle)
+        return handle
+
+    yield start
+    for handle in running:
+        if not handle.stop_event.is_set():
+            handle.stop()

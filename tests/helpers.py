@@ -1,0 +1,55 @@
+"""Small helpers shared by tests: make real images, wait for real files, read real videos."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+FAST_SPEC = {"num_frames": 8, "steps": 10}
+
+
+def png_bytes(width: int = 96, height: int = 96, color: tuple[int, int, int] = (200, 40, 40)) -> bytes:
+    """A real PNG: a coloured square on a gradient, different per colour."""
+    image = Image.new("RGB", (width, height), (20, 20, 30))
+    draw = ImageDraw.Draw(image)
+    for y in range(height):
+        draw.line([(0, y), (width, y)], fill=(y * 255 // max(height, 1), 60, 90))
+    draw.rectangle([width // 4, height // 4, 3 * width // 4, 3 * height // 4], fill=color)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def drop(folder: Path, stem: str, spec: dict[str, Any] | bytes | None, image: bytes | None = None,
+         suffix: str = ".png") -> None:
+    """Write an image and/or a JSON spec the way a user would (plain writes)."""
+    path = folder / stem
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if image is not None:
+        path.with_name(path.name + suffix).write_bytes(image)
+    if spec is not None:
+        raw = spec if isinstance(spec, bytes) else json.dumps(spec).encode()
+        path.with_name(path.name + ".json").write_bytes(raw)
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 180, interval: float = 0.5, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}")
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder``: to prove inputs were not touched."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
