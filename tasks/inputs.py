@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from typing import Any
 
 from prefect import task
 from pydantic import BaseModel, ConfigDict
@@ -53,8 +54,9 @@ def _unsafe_reference(ticket: JobTicket) -> BadInputError:
 
 @task(name="load-inputs", retries=2, retry_delay_seconds=[2, 10],
       retry_condition_fn=lambda task, run, state: not _is_final(state))
-def load_inputs(ticket: JobTicket) -> PreparedJob:
-    """1. read spec layers, 2. validate the spec, 3. read and check the image, 4. pick size and seed."""
+def load_inputs(ticket: JobTicket, overrides: dict[str, Any] | None = None) -> PreparedJob:
+    """1. read spec layers, 2. validate the spec, 3. read and check the image, 4. pick size and seed.
+    ``overrides`` (campaigns) replace spec fields after validation; ``{prompt}`` is the original."""
     settings = get_settings()
     inbox = open_store(ticket.inbox, settings)
     if ticket.image_key is None:
@@ -64,6 +66,10 @@ def load_inputs(ticket: JobTicket) -> PreparedJob:
     if spec_raw is not None:
         layers.append((ticket.spec_key or "", spec_raw))
     spec = resolve_spec(layers) if layers else resolve_spec([("(no JSON)", b"{}")])
+    if overrides:
+        from infra.campaign import apply_overrides
+
+        spec = apply_overrides(spec, overrides, "campaign overrides")
     image_raw = _read(inbox, ticket.image_key, settings.max_image_bytes, "image")
     image_sha = hashlib.sha256(image_raw).hexdigest()
     spec_sha = hashlib.sha256(spec_raw).hexdigest() if spec_raw is not None else None
