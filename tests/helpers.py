@@ -53,3 +53,24 @@ def tree_digest(folder: Path) -> dict[str, str]:
     """sha256 of every file under ``folder``: to prove inputs were not touched."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def png_claiming_size(width: int, height: int) -> bytes:
+    """A small valid PNG whose header claims ``width`` x ``height``: a decompression bomb's shape."""
+    import struct
+    import zlib
+
+    raw = bytearray(png_bytes(16, 16))
+    # IHDR data starts after the 8-byte signature, 4-byte length and 4-byte type.
+    raw[16:24] = struct.pack(">II", width, height)
+    raw[29:33] = struct.pack(">I", zlib.crc32(bytes(raw[12:29])) & 0xFFFFFFFF)
+    return bytes(raw)
+
+
+def flow_runs_named(names: list[str]) -> list[Any]:
+    """Flow runs on the Prefect server with these names."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=names)))
