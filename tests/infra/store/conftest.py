@@ -1,4 +1,8 @@
-"""Fixtures for the store tests: the same contract runs against a folder and a real bucket."""
+"""Fixtures for the store tests: the same contract runs against a folder and a real bucket.
+
+``s3_server`` and ``s3_bucket`` come from the ``tests.s3server`` plugin that the root conftest
+loads (``pytest_plugins`` is allowed only there).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,6 @@ import pytest
 from minio import Minio
 
 from infra.store import BucketStore, FolderStore, Store
-from tests.s3server import s3_bucket, s3_server  # noqa: F401 - fixtures, used by name
 
 
 @pytest.fixture(params=["folder", "bucket", "bucket-prefixed"])
@@ -24,7 +27,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
 
 
 @pytest.fixture
-def bucket_store(s3_bucket: tuple[Minio, str]) -> BucketStore:  # noqa: F811
+def bucket_store(s3_bucket: tuple[Minio, str]) -> BucketStore:
     """A BucketStore at the root of a fresh bucket."""
     client, bucket = s3_bucket
     return BucketStore(client, bucket)

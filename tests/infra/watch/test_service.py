@@ -1,0 +1,102 @@
+"""The watcher over a real folder with real watchdog events and a real ledger.
+
+The Prefect submission is the seam here (a function the watcher calls); the whole path
+through a real server is covered in tests/e2e.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from infra.jobs import JobTicket
+from infra.ledger import Ledger
+from infra.settings import Settings
+from infra.store.folder import FolderStore
+from infra.watch.folder import start_folder_hints
+from infra.watch.service import Watcher
+from tests.helpers import drop, png_bytes, wait_for
+
+
+class Recorder:
+    """Stands in for the Prefect server: records submissions, can be 'down'."""
+
+    def __init__(self) -> None:
+        self.calls: list[JobTicket] = []
+        self.down = False
+
+    def submit(self, ticket: JobTicket, model: str) -> str:
+        if self.down:
+            raise ConnectionError("server unreachable")
+        self.calls.append(ticket)
+        return f"run-{ticket.job_id}"
+
+
+@pytest.fixture
+def make_watcher(tmp_path: Path):
+    stops: list[tuple[threading.Event, threading.Thread, object]] = []
+
+    def make(inbox: Path, recorder: Recorder, state: Path | None = None) -> Watcher:
+        settings = Settings(inbox=str(inbox), outbox=str(tmp_path / "out"), state_dir=state or tmp_path / "st",
+                            rescan_seconds=0.5, settle_seconds=0.2)
+        inbox.mkdir(parents=True, exist_ok=True)
+        watcher = Watcher(settings, FolderStore(inbox), str(inbox), str(tmp_path / "out"),
+                          Ledger(settings.ledger_path), recorder.submit, lambda *_: None)
+        observer = start_folder_hints(inbox, watcher.wake)
+        stop = threading.Event()
+        thread = threading.Thread(target=watcher.run, args=(stop,), daemon=True)
+        thread.start()
+        stops.append((stop, thread, observer))
+        return watcher
+
+    yield make
+    for stop, thread, observer in stops:
+        stop.set()
+        thread.join(10)
+        observer.stop()
+
+
+def test_a_slowly_written_image_becomes_one_job_after_it_settles(make_watcher, tmp_path: Path) -> None:
+    inbox, recorder = tmp_path / "in", Recorder()
+    make_watcher(inbox, recorder)
+    drop(inbox, "slow", {"prompt": "p"})
+    data = png_bytes(256, 256)
+    with open(inbox / "slow.png", "wb") as handle:
+        for start in range(0, len(data), 512):
+            handle.write(data[start:start + 512])
+            handle.flush()
+            time.sleep(0.05)
+    wait_for(lambda: recorder.calls, timeout=20, what="submission")
+    time.sleep(2)
+    assert len(recorder.calls) == 1
+    assert recorder.calls[0].image_sha256 == __import__("hashlib").sha256(data).hexdigest()
+
+
+def test_files_copied_into_a_new_subfolder_are_all_found(make_watcher, tmp_path: Path) -> None:
+    source, inbox, recorder = tmp_path / "src", tmp_path / "in", Recorder()
+    for index in range(40):
+        drop(source, f"p{index}", {"prompt": f"p{index}"}, png_bytes(32, 32, (index, 0, 0)))
+    make_watcher(inbox, recorder)
+    shutil.copytree(source, inbox / "fresh" / "nested")
+    wait_for(lambda: len(recorder.calls) >= 40, timeout=30, what="40 submissions")
+    time.sleep(1.5)
+    assert sorted(t.stem for t in recorder.calls) == sorted(f"fresh/nested/p{i}" for i in range(40))
+
+
+def test_server_down_loses_nothing_and_restart_does_not_resubmit(make_watcher, tmp_path: Path) -> None:
+    inbox, recorder = tmp_path / "in", Recorder()
+    recorder.down = True
+    watcher = make_watcher(inbox, recorder)
+    for index in range(3):
+        drop(inbox, f"j{index}", {"prompt": "p"}, png_bytes(color=(0, index, 0)))
+    wait_for(lambda: watcher.ledger.counts().get("detected") == 3, timeout=20, what="3 detected")
+    recorder.down = False
+    wait_for(lambda: len(recorder.calls) == 3, timeout=30, what="3 submissions after recovery")
+    again = Recorder()
+    make_watcher(inbox, again, state=tmp_path / "st")  # a restart on the same ledger
+    time.sleep(2)
+    assert again.calls == []
