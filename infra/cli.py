@@ -7,6 +7,7 @@ rest of ``infra`` never does.
     i2vflow watch       # the watcher alone (point PREFECT_API_URL at your server)
     i2vflow gpu-worker  # the warm GPU task worker alone
     i2vflow build-tiny  # build the offline random-weight model into the model cache
+    i2vflow campaign plan|run SPEC  # a re-generation campaign: print its plan, or run it now
 """
 
 from __future__ import annotations
@@ -125,6 +126,70 @@ def build_tiny(target: Path = typer.Option(None, help="Folder to build into.")) 
 
     path = build_tiny_i2vgenxl(target or get_settings().model_cache / "tiny-i2vgen-xl")
     typer.echo(str(path))
+
+
+campaign_app = typer.Typer(no_args_is_help=True,
+                           help="Scheduled re-generation campaigns (docs/campaigns.md).")
+app.add_typer(campaign_app, name="campaign")
+
+
+def _campaign_spec(spec: str) -> object:
+    from infra.campaign import CampaignSpecError, read_campaign_spec
+    from infra.settings import get_settings
+    from infra.store import open_store
+
+    try:
+        return read_campaign_spec(spec, lambda location: open_store(location, get_settings()))
+    except CampaignSpecError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    except OSError as exc:
+        typer.echo(f"{spec}: cannot read: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+@campaign_app.command("plan")
+def campaign_plan(
+    spec: str = typer.Argument(..., help="Campaign file (YAML/JSON), or s3://bucket/key."),
+    run_date: str = typer.Option(None, "--date", help="Slot date (default: today in the campaign's zone)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+) -> None:
+    """Validate the spec and print the plan (items, what is done, GPU estimate); renders nothing."""
+    import json
+
+    from infra.campaign import plan_campaign, store_modified_at, survey
+    from infra.settings import get_settings
+    from infra.store import open_store
+
+    campaign = _campaign_spec(spec)
+    settings = get_settings()
+    slot = run_date or campaign.run_date()  # type: ignore[attr-defined]
+    inbox, outbox = open_store(settings.inbox, settings), open_store(settings.outbox, settings)
+    found = survey(campaign, inbox, outbox, slot, store_modified_at(inbox))  # type: ignore[arg-type]
+    plan = plan_campaign(campaign, found, slot, default_model=settings.model)  # type: ignore[arg-type]
+    typer.echo(json.dumps(plan.as_json(), indent=2) if as_json else plan.describe())
+
+
+@campaign_app.command("run")
+def campaign_run(
+    spec: str = typer.Argument(..., help="Campaign file (YAML/JSON, a path the workers can read), or s3://..."),
+    run_date: str = typer.Option(None, "--date", help="Slot date (default: today in the campaign's zone)."),
+    wait: bool = typer.Option(False, help="Wait for the run to finish and print its result."),
+) -> None:
+    """Run a campaign now through the `campaign` deployment (the spec is checked here first)."""
+    from prefect.deployments import run_deployment
+
+    campaign = _campaign_spec(spec)
+    path = spec if spec.startswith("s3://") else str(Path(spec).resolve())
+    parameters = {"spec_path": path, **({"run_date": run_date} if run_date else {})}
+    run = run_deployment(name="campaign/campaign", parameters=parameters, timeout=None if wait else 0,
+                         flow_run_name=f"{campaign.name}-{run_date or 'now'}",  # type: ignore[attr-defined]
+                         tags=[f"campaign:{campaign.name}"])  # type: ignore[attr-defined]
+    state = run.state
+    said = f"{state.name}: {state.message or ''}" if state else "scheduled"
+    typer.echo(f"flow run {run.id} {said}")
+    if wait and state is not None and not state.is_completed():
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":
