@@ -56,7 +56,7 @@ def make_client(
     if match:
         secure, endpoint = match.group(1) == "https", match.group(2)
     http = urllib3.PoolManager(
-
+        timeout=urllib3.Timeout(connect=connect_timeout, read=read_timeout),
         retries=urllib3.Retry(total=retries, backoff_factor=0.5, status_forcelist=(500, 502, 503, 504)),
         maxsize=10,
     )

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.store import ObjectInfo, Store, StoreError, UnsafeKeyError
+from infra.store import ObjectInfo, Store, StoreError, UnsafeKeyError, check_key
 
 ODD_KEYS = [
     "plain.png",
@@ -150,6 +150,17 @@ def test_unsafe_keys_refused(store: Store, key: str, op: str, tmp_path: Path) ->
     with pytest.raises(UnsafeKeyError):
         call()
     assert keys(store) == []
+
+
+@pytest.mark.parametrize(
+    ("key", "why"),
+    [("/abs", "absolute"), ("a/../b", "'..'"), ("a//b", "empty"), ("x\x00", "NUL"), ("", "empty")],
+)
+def test_check_key_says_why(key: str, why: str) -> None:
+    with pytest.raises(UnsafeKeyError, match=why):
+        check_key(key)
+    assert check_key("a/b c/ü+.png") == "a/b c/ü+.png"
+    assert check_key("", prefix=True) == "" and check_key("a/", prefix=True) == "a/"
 
 
 @pytest.mark.parametrize("prefix", ["../", "/etc/", "a/../../", "a\\"])
