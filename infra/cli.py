@@ -119,8 +119,9 @@ def gpu_worker(warm: bool = typer.Option(True, help="Load the model before takin
 
 
 @app.command("build-tiny")
-def build_tiny(target: Path = typer.Option(None, help="Folder to build into.")) -> None:
-    """Build the random-weight tiny I2VGen-XL offline (its videos are noise)."""
+def build_tiny(target: Path | None = None) -> None:
+    """Build the random-weight tiny I2VGen-XL offline (its videos are noise) into TARGET
+    (default: the model cache)."""
     from infra.engine.tiny import build_tiny_i2vgenxl
     from infra.settings import get_settings
 

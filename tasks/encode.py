@@ -9,8 +9,9 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from infra.engine.video import VideoInfo, encode_mp4
 from prefect import task
+
+from infra.engine.video import VideoInfo, encode_mp4
 
 
 @task(name="encode-mp4", retries=1, retry_delay_seconds=2)

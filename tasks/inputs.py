@@ -31,6 +31,8 @@ class PreparedJob(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
+    job_id: str
+    stem: str
     spec: JobSpec
     image_png: bytes
     image_size: tuple[int, int]
@@ -81,7 +83,8 @@ def load_inputs(ticket: JobTicket, overrides: dict[str, Any] | None = None) -> P
     png = io.BytesIO()
     image.save(png, format="PNG")
     return PreparedJob(
-        spec=spec, image_png=png.getvalue(), image_size=image.size, width=width, height=height,
+        job_id=ticket.job_id, stem=ticket.stem, spec=spec, image_png=png.getvalue(), image_size=image.size,
+        width=width, height=height,
         seed=spec.seed if spec.seed is not None else derive_seed(image_sha, spec), model=model,
         image_sha256=image_sha, spec_sha256=spec_sha,
     )

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from infra.engine.video import VideoInfo
 from prefect import runtime, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
+from infra.engine.video import VideoInfo
 from infra.jobs import JobTicket
 from infra.orchestrator import emit_job_event
 from infra.settings import get_settings

@@ -12,6 +12,7 @@ import io
 from typing import Any
 
 import numpy as np
+import structlog
 from prefect import task
 from pydantic import BaseModel, ConfigDict
 
@@ -53,17 +54,24 @@ def _retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:
       retry_condition_fn=_retry_unless_bad_input, persist_result=True)
 def render_frames(job: PreparedJob) -> RenderedFrames:
     """1. get the warm engine, 2. render, 3. hand back frames and the engine's account."""
-    from PIL import Image
-
-    from infra.engine.engine import RenderRequest, get_engine
+    from infra.engine.engine import get_engine
 
     engine = get_engine(engine_options())
     spec = job.spec
-    result = engine.render(RenderRequest(
+    with structlog.contextvars.bound_contextvars(job_id=job.job_id, input_key=job.stem):
+        result = _render(engine, job, spec)
+    account = {k: v for k, v in vars(result).items() if k != "frames"}
+    return RenderedFrames(frames=np.ascontiguousarray(result.frames), engine=account)
+
+
+def _render(engine: Any, job: PreparedJob, spec: Any) -> Any:
+    from PIL import Image
+
+    from infra.engine.engine import RenderRequest
+
+    return engine.render(RenderRequest(
         image=Image.open(io.BytesIO(job.image_png)).convert("RGB"), prompt=spec.prompt,
         negative_prompt=spec.negative_prompt, num_frames=spec.num_frames, fps=spec.fps,
         steps=spec.steps, guidance_scale=spec.guidance_scale, width=job.width,
         height=job.height, seed=job.seed, model=job.model,
     ))
-    account = {k: v for k, v in vars(result).items() if k != "frames"}
-    return RenderedFrames(frames=np.ascontiguousarray(result.frames), engine=account)
