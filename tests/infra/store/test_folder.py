@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import time
 import urllib.request
 from pathlib import Path
@@ -103,8 +104,17 @@ def test_write_is_atomic_via_hidden_temp_then_rename(root: Path, monkeypatch) ->
         assert not Path(dst).exists()  # nothing under the final name before the rename
         real_replace(src, dst)
 
+    synced: list[bool] = []
+    real_fsync = os.fsync
+
+    def fsync_spy(fd: int) -> None:
+        synced.append(stat.S_ISDIR(os.fstat(fd).st_mode))
+        real_fsync(fd)
+
     monkeypatch.setattr(os, "replace", spy)
+    monkeypatch.setattr(os, "fsync", fsync_spy)
     FolderStore(root).write("sub/clip.mp4", b"frames")
+    assert synced == [False, True]  # the data before the rename, the directory after it
     ((tmp, final),) = seen
     assert final == "clip.mp4"
     assert tmp.startswith(".clip.mp4.") and tmp.endswith(".tmp")
@@ -112,9 +122,7 @@ def test_write_is_atomic_via_hidden_temp_then_rename(root: Path, monkeypatch) ->
 
 
 @pytest.mark.parametrize("method", ["write", "write_file"])
-def test_disk_full_leaves_neither_temp_nor_partial_file(
-    root: Path, tmp_path: Path, monkeypatch, method: str
-) -> None:
+def test_disk_full_leaves_neither_temp_nor_partial_file(root: Path, tmp_path: Path, monkeypatch, method: str) -> None:
     store = FolderStore(root)
     store.write("out/v.mp4", b"previous version")
     src = tmp_path / "new.mp4"
