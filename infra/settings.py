@@ -66,6 +66,7 @@ class Settings(BaseSettings):
     presign_expiry_seconds: int = Field(7 * 24 * 3600, gt=0, le=7 * 24 * 3600)
     poll_seconds: float = Field(5.0, gt=0)
     webhook_port: int = Field(0, ge=0, le=65535, description="0 disables the webhook.")
+    webhook_host: str = Field("127.0.0.1", description="Bind address (0.0.0.0 in a container).")
     webhook_token: SecretStr | None = None
 
     @classmethod

@@ -18,6 +18,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
+from tests.s3server import S3Server  # noqa: E402
+
 pytest_plugins = ["tests.s3server"]
 
 
@@ -57,8 +59,10 @@ class Service:
 
 
 @pytest.fixture(scope="session")
-def service(prefect_api: str, tiny_model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    """Deploy prefect.yaml and start the same workers `i2vflow up` starts."""
+def service(prefect_api: str, tiny_model_cache: Path, tmp_path_factory: pytest.TempPathFactory,
+            s3_server: S3Server) -> Iterator[Service]:
+    """Deploy prefect.yaml and start the same workers `i2vflow up` starts (they reach the
+    session's S3 server too, so tickets with s3:// inboxes and outboxes work)."""
     from infra.service import Supervisor, apply_deployments, prefect_env, start_workers
 
     state = tmp_path_factory.mktemp("service-state")
@@ -67,6 +71,10 @@ def service(prefect_api: str, tiny_model_cache: Path, tmp_path_factory: pytest.T
         "I2VFLOW_STATE_DIR": str(state),
         "I2VFLOW_MODEL": "tiny",
         "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "I2VFLOW_S3_ENDPOINT": s3_server.endpoint,
+        "I2VFLOW_S3_REGION": s3_server.region,
+        "I2VFLOW_S3_ACCESS_KEY": s3_server.access_key,
+        "I2VFLOW_S3_SECRET_KEY": s3_server.secret_key,
     })
     supervisor = Supervisor(env=env, log_dir=state / "logs")
     apply_deployments(env, "i2vflow", gpu_limit=1)

@@ -17,9 +17,11 @@ from infra.ledger import Ledger
 from infra.logging import configure_logging
 from infra.orchestrator import emit_job_event, submit_job
 from infra.settings import Settings, get_settings
-from infra.store import open_store
+from infra.store import BucketStore, StoreError, make_client, open_store, s3_credentials
+from infra.watch.bucket import ListenHints
 from infra.watch.folder import start_folder_hints
 from infra.watch.service import Watcher
+from infra.watch.webhook import WebhookServer
 
 
 def _location(raw: str) -> str:
@@ -43,14 +45,25 @@ def build_watcher(settings: Settings | None = None) -> tuple[Watcher, Callable[[
     def notify(event: str, ticket: JobTicket) -> None:
         emit_job_event(event, ticket)
 
-    watcher = Watcher(settings, inbox, inbox_location, outbox_location, ledger, submit, notify, kind)
+    # A bucket is listed every poll_seconds (a listing costs a request per 1,000 objects).
+    watch_settings = settings if kind == "folder" else settings.model_copy(
+        update={"rescan_seconds": settings.poll_seconds})
+    watcher = Watcher(watch_settings, inbox, inbox_location, outbox_location, ledger, submit, notify, kind)
     closers: list[Callable[[], None]] = [ledger.close]
+    hints: list[object] = []
     if kind == "folder":
         observer = start_folder_hints(Path(inbox_location), watcher.wake)
         closers.insert(0, lambda: (observer.stop(), observer.join(5)))
+        hints.append(observer)
+    else:
+        assert isinstance(inbox, BucketStore)
+        for source, stop in _start_bucket_hints(settings, inbox, watcher):
+            closers.insert(0, stop)
+            hints.append(source)
+    watcher.hint_sources = hints  # type: ignore[attr-defined]  # for tests and `doctor`
     structlog.get_logger("i2vflow.watcher").info(
         "watcher.started", inbox=inbox.describe(), outbox=outbox_location, source=kind,
-        model=settings.model, rescan_seconds=settings.rescan_seconds)
+        model=settings.model, rescan_seconds=watch_settings.rescan_seconds)
     lock = threading.Lock()
 
     def close() -> None:
@@ -59,3 +72,26 @@ def build_watcher(settings: Settings | None = None) -> tuple[Watcher, Callable[[
                 closers.pop(0)()
 
     return watcher, close
+
+
+def _start_bucket_hints(settings: Settings, inbox: BucketStore,
+                        watcher: Watcher) -> list[tuple[object, Callable[[], None]]]:
+    """MinIO's listen stream (it finds out itself whether the server has one) and, when
+    ``webhook_port`` is set, the webhook receiver. Both only set ``watcher.wake``."""
+    access_key, secret_key = s3_credentials(settings)
+    # Its own client: a read timeout longer than the 10 s keep-alive, and no retries of its own.
+    client = make_client(settings.s3_endpoint, access_key, secret_key, secure=settings.s3_secure,
+                         region=settings.s3_region, read_timeout=35.0, retries=0)
+    listen = ListenHints(client, inbox.bucket, inbox.prefix, watcher.wake)
+    listen.start()
+    started: list[tuple[object, Callable[[], None]]] = [(listen, listen.stop)]
+    if settings.webhook_port:
+        token = settings.webhook_token.get_secret_value() if settings.webhook_token else ""
+        if not token:
+            listen.stop()
+            raise StoreError("I2VFLOW_WEBHOOK_PORT is set but I2VFLOW_WEBHOOK_TOKEN is not: "
+                             "the webhook refuses to run unguarded")
+        hook = WebhookServer(watcher.wake, token, host=settings.webhook_host, port=settings.webhook_port,
+                             bucket=inbox.bucket, prefix=inbox.prefix).start()
+        started.append((hook, hook.stop))
+    return started
