@@ -197,7 +197,8 @@ def run_campaign(
 
 
 def _read_spec(spec_path: str | None, spec: dict[str, Any] | None) -> CampaignSpec:
-    if (spec_path is None) == (spec is None):
+    """``spec`` (a mapping) wins over ``spec_path``: the deployment's default path stays set."""
+    if spec_path is None and spec is None:
         from infra.spec import FieldProblem
 
         raise CampaignSpecError(
@@ -205,7 +206,7 @@ def _read_spec(spec_path: str | None, spec: dict[str, Any] | None) -> CampaignSp
             [
                 FieldProblem(
                     field="spec_path/spec",
-                    problem="give exactly one",
+                    problem="give one of them",
                     fix="spec_path: examples/campaigns/spring-shoes.yaml",
                 )
             ],
@@ -274,9 +275,7 @@ def _finish(entry: _InFlight, campaign: CampaignSpec, slot: str, timeout: float)
         }
         sidecar = publish_video(entry.ticket, video, sidecar)
     except Exception as exc:
-        log.warning(
-            "campaign.item_failed", campaign=campaign.name, item=entry.item.output_stem, error=repr(exc)
-        )
+        log.warning("campaign.item_failed", campaign=campaign.name, item=entry.item.output_stem, error=repr(exc))
         try:
             write_error_report(entry.ticket, _render_failure(exc))
         except Exception as report_exc:  # the row still says what happened

@@ -34,7 +34,13 @@ def test_live_drop_completes_while_a_20_item_campaign_runs(start_watcher, tmp_pa
     run = run_deployment("campaign/campaign", timeout=0, parameters={
         "spec": spec, "inbox": str(catalogue), "outbox": str(outbox), "run_date": "2026-03-02"})
     slot = outbox / "campaigns/weekly/2026-03-02"
-    wait_for(lambda: list(slot.glob("shoes/*.json")), timeout=120, what="the campaign's first item")
+
+    def first_item() -> bool:
+        state = _flow_run(run.id).state
+        assert not (state.is_final() and not state.is_completed()), state.message
+        return bool(list(slot.glob("shoes/*.json")))
+
+    wait_for(first_item, timeout=120, what="the campaign's first item")
 
     dropped = time.time()
     drop(live_inbox, "hot", {"prompt": "new arrival spinning", **FAST_SPEC}, png_bytes(color=(250, 250, 250)))
