@@ -149,7 +149,7 @@ class WebhookServer:
                 return 400, {"error": "SNS Message is not a JSON object"}
         records = doc.get("Records")
         if records is None:  # s3:TestEvent and similar
-            log.info("webhook.ignored", event=str(doc.get("Event") or doc.get("EventName") or "")[:100])
+            log.info("webhook.ignored", s3_event=str(doc.get("Event") or doc.get("EventName") or "")[:100])
             return 200, {"records": 0, "woke": False}
         if not isinstance(records, list):
             return 400, {"error": "Records must be a list"}
@@ -253,7 +253,11 @@ class _Handler(BaseHTTPRequestHandler):
         except (ValueError, RecursionError):
             self._answer(400, {"error": "body is not JSON"})
             return
-        status, answer = hook.handle_document(doc)
+        try:
+            status, answer = hook.handle_document(doc)
+        except Exception as exc:  # noqa: BLE001 - a malformed event must not kill the thread
+            log.warning("webhook.failed", error=type(exc).__name__)
+            status, answer = 500, {"error": "could not handle the event"}
         self._answer(status, answer)
 
     def _answer(self, status: int, payload: dict[str, Any], **headers: str) -> None:
