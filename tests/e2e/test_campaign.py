@@ -65,7 +65,12 @@ def test_live_drop_completes_while_a_20_item_campaign_runs(start_watcher, tmp_pa
              if datetime.fromisoformat(json.loads(p.read_text())["created_at"]) > live_at]
     assert later, "campaign items should still render after the live drop"
     queue_wait = live["timings_seconds"]["render"] - live["timings_seconds"]["render_on_model"]
-    print(f"\nlive drop: {live_seconds:.1f} s drop-to-sidecar, {queue_wait:.2f} s waiting for the GPU; "
+    rows = report["items"]
+    render = sum(r["render_on_model"] for r in rows)
+    print(f"\ncampaign: {len(rows)} items in {report['seconds']:.1f} s = {60 * len(rows) / report['seconds']:.1f}"
+          f" items/min; render on model {render / len(rows):.2f} s/item; orchestration overhead "
+          f"{(report['seconds'] - render) / len(rows):.2f} s/item (includes the live drop's render)")
+    print(f"live drop: {live_seconds:.1f} s drop-to-sidecar, {queue_wait:.2f} s waiting for the GPU; "
           f"{len(later)} campaign items rendered after it")
 
 
