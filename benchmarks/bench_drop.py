@@ -12,6 +12,7 @@ and the peak RSS of the whole service (sampled every 0.2 s over all its processe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -47,10 +48,8 @@ class RssSampler(threading.Thread):
         while not self.stop.wait(0.2):
             total = 0
             for proc in [me, *me.children(recursive=True)]:
-                try:
+                with contextlib.suppress(psutil.Error):
                     total += proc.memory_info().rss
-                except psutil.Error:
-                    pass
             self.peak = max(self.peak, total)
 
 
