@@ -51,7 +51,7 @@ from tasks.campaign import contact_sheet, local_path, plan, write_report
 from tasks.encode import encode_video
 from tasks.inputs import InputChangedError, PreparedJob, load_inputs
 from tasks.publish import publish_video, write_error_report
-from tasks.render import render_frames
+from tasks.render import await_render, render_frames
 
 log = structlog.get_logger("i2vflow.campaign")
 
@@ -259,7 +259,7 @@ def _finish(entry: _InFlight, campaign: CampaignSpec, slot: str, timeout: float)
     timings = entry.timings
     try:
         t0 = time.perf_counter()
-        rendered = entry.future.result(timeout=timeout)
+        rendered = await_render(entry.future, timeout)
         timings["render"] = round(time.perf_counter() - t0, 3)
         t0 = time.perf_counter()
         video = encode_video(rendered.frames, entry.job.spec.fps)

@@ -22,7 +22,7 @@ from infra.spec import BadInputError, ErrorReport, FieldProblem
 from tasks.encode import encode_video
 from tasks.inputs import InputChangedError, PreparedJob, load_inputs
 from tasks.publish import i2vflow_version, publish_video, write_error_report
-from tasks.render import RenderedFrames, render_frames
+from tasks.render import RenderedFrames, await_render, render_frames
 
 
 @flow(name="generate-video", log_prints=False, retries=0)
@@ -38,7 +38,7 @@ def generate_video(ticket: JobTicket) -> State:
         job = _timed(timings, "load_inputs", load_inputs, ticket)
         with tags(f"model:{job.model}"):
             future = render_frames.delay(job)
-        rendered = _timed(timings, "render", future.result, timeout=settings.render_timeout_seconds)
+        rendered = _timed(timings, "render", await_render, future, settings.render_timeout_seconds)
     except BadInputError as exc:
         write_error_report(ticket, exc.report)
         return Failed(message=f"bad input: {exc.report.message}")

@@ -9,6 +9,7 @@ the pipeline warm. Tagged ``gpu`` (a concurrency limit keeps one render per GPU 
 from __future__ import annotations
 
 import io
+import time
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,23 @@ class RenderedFrames(BaseModel):
 
     frames: Any  # numpy array; kept Any so pydantic does not copy it
     engine: dict[str, Any]
+
+
+def await_render(future: Any, timeout: float) -> RenderedFrames:
+    """The result of ``render_frames.delay(...)``, waiting up to ``timeout`` seconds.
+
+    Prefect 3.9 may read a just-submitted deferred task run before the server has recorded its
+    first state and raise "has no state which means it hasn't started yet"; that is a race, not
+    a failure of the job, so ask again until the deadline.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return future.result(timeout=max(1.0, deadline - time.monotonic()))
+        except RuntimeError as exc:
+            if "has no state" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def engine_options() -> Any:

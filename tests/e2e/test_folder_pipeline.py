@@ -66,7 +66,8 @@ def _structlog_events_in_prefect(flow_run_id: str) -> list[str]:
                 found.append(record["event"])
         return found
 
-    return wait_for(lambda: (e := events()) and "job.done" in e and e, timeout=30, what="logs in Prefect")
+    wanted = {"job.done", "render.done", "video.published"}
+    return wait_for(lambda: (e := events()) and wanted <= set(e) and e, timeout=60, what="logs in Prefect")
 
 
 def test_names_subfolders_defaults_and_either_order(start_watcher, tmp_path: Path) -> None:
