@@ -12,13 +12,15 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-from tests.s3server import S3Server  # noqa: E402
+if TYPE_CHECKING:
+    from tests.s3server import S3Server
 
 pytest_plugins = ["tests.s3server"]
 
