@@ -69,6 +69,12 @@ class Settings(BaseSettings):
     webhook_host: str = Field("127.0.0.1", description="Bind address (0.0.0.0 in a container).")
     webhook_token: SecretStr | None = None
 
+    # Prometheus endpoints (docs/operations.md); 0 disables one.
+    metrics_port: int = Field(9464, ge=0, le=65535, description="The watcher's /metrics port.")
+    gpu_worker_metrics_port: int = Field(9465, ge=0, le=65535, description="The GPU worker's /metrics port.")
+    metrics_host: str = Field("127.0.0.1", description="Bind address of /metrics (0.0.0.0 in a container).")
+    metrics_poll_seconds: float = Field(15.0, gt=0, description="How often the watcher reads outcomes from Prefect.")
+
     @classmethod
     def settings_customise_sources(
         cls,
