@@ -86,6 +86,7 @@ def _watch(stop: threading.Event, supervisor: object | None = None) -> None:
     watcher, closer = build_watcher()
     thread = threading.Thread(target=watcher.run, args=(stop,), name="watcher", daemon=True)
     thread.start()
+    poller = _watcher_metrics(watcher)
     log = structlog.get_logger("i2vflow.cli")
     try:
         while not stop.wait(1.0):
@@ -96,8 +97,22 @@ def _watch(stop: threading.Event, supervisor: object | None = None) -> None:
                 stop.set()
     finally:
         stop.set()
+        if poller is not None:
+            poller.stop()
         thread.join(timeout=15)
         closer()
+
+
+def _watcher_metrics(watcher: object) -> object | None:
+    """Serve the watcher's /metrics and poll run outcomes from Prefect (docs/operations.md)."""
+    from infra import metrics
+
+    settings = watcher.settings  # type: ignore[attr-defined]
+    if not metrics.start_metrics_server(settings.metrics_port, settings.metrics_host):
+        return None
+    return metrics.OutcomePoller(watcher.inbox_location, settings.deployment,  # type: ignore[attr-defined]
+                                 watcher.ledger.detected_at,  # type: ignore[attr-defined]
+                                 interval=settings.metrics_poll_seconds).start()
 
 
 @app.command("gpu-worker")
@@ -111,11 +126,21 @@ def gpu_worker(warm: bool = typer.Option(True, help="Load the model before takin
 
     settings = get_settings()
     configure_logging(settings.resolved_log_file)
+    _gpu_worker_metrics(settings)
     if warm:
         from infra.engine.engine import get_engine
 
         get_engine(engine_options()).warm(settings.model)
     serve(render_frames, limit=1)
+
+
+def _gpu_worker_metrics(settings: object) -> None:
+    """Serve the GPU worker's /metrics: render latency, model loads, OOM fallbacks, memory."""
+    from infra import metrics
+    from infra.engine.engine import model_loads_in_process
+
+    metrics.register_gpu_worker_metrics(model_loads_in_process, settings.device)  # type: ignore[attr-defined]
+    metrics.start_metrics_server(settings.gpu_worker_metrics_port, settings.metrics_host)  # type: ignore[attr-defined]
 
 
 @app.command("build-tiny")

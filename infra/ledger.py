@@ -163,6 +163,11 @@ class Ledger:
         rows = self._query("SELECT state, COUNT(*) FROM jobs GROUP BY state")
         return {str(state): int(count) for state, count in rows}  # type: ignore[call-overload]
 
+    def detected_at(self, job_id: str) -> float | None:
+        """Unix time the job was first recorded (the start of its end-to-end latency)."""
+        rows = self._query("SELECT created_at FROM jobs WHERE job_id=?", (job_id,))
+        return float(rows[0][0]) if rows else None  # type: ignore[arg-type]
+
     def cached_hash(self, location: str, key: str, size: int, version: str) -> str | None:
         """The sha256 of an object version hashed before (saves re-reading on rescans)."""
         rows = self._query(

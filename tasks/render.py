@@ -17,6 +17,7 @@ import structlog
 from prefect import task
 from pydantic import BaseModel, ConfigDict
 
+from infra import metrics
 from tasks.inputs import PreparedJob
 
 GPU_TAG = "gpu"
@@ -77,7 +78,12 @@ def render_frames(job: PreparedJob) -> RenderedFrames:
     engine = get_engine(engine_options())
     spec = job.spec
     with structlog.contextvars.bound_contextvars(job_id=job.job_id, input_key=job.stem):
-        result = _render(engine, job, spec)
+        try:
+            result = _render(engine, job, spec)
+        except Exception as exc:
+            metrics.observe_render_error(exc)
+            raise
+    metrics.observe_render(result)
     account = {k: v for k, v in vars(result).items() if k != "frames"}
     return RenderedFrames(frames=np.ascontiguousarray(result.frames), engine=account)
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from infra import metrics
 from infra.jobs import JobTicket, is_ignored, make_job_id, resolve_reference
 from infra.ledger import Ledger
 from infra.settings import Settings
@@ -74,6 +75,7 @@ class Watcher:
                          image_key=ticket.image_key, spec_key=ticket.spec_key)
                 self._safe_notify("job.detected", ticket)
         self._submit_pending(report)
+        metrics.observe_scan(report, self.ledger.counts)
         return report
 
     def _ticket(self, candidate: Candidate, settled: dict[str, ObjectInfo]) -> JobTicket | None:
