@@ -143,6 +143,20 @@ def _gpu_worker_metrics(settings: object) -> None:
     metrics.start_metrics_server(settings.gpu_worker_metrics_port, settings.metrics_host)  # type: ignore[attr-defined]
 
 
+@app.command()
+def doctor(
+    api_url: str = typer.Option(None, help="Prefect API to check (default: PREFECT_API_URL)."),
+    gpu_metrics: str = typer.Option(None, help="A GPU worker's /metrics URL (default: this host's "
+                                    "I2VFLOW_GPU_WORKER_METRICS_PORT; '' skips it)."),
+) -> None:
+    """Check the Prefect server, work pool and workers, deployment, GPU worker, stores and model;
+    print what is wrong in plain words. Exit code 1 when something is."""
+    from infra.doctor import main
+    from infra.settings import get_settings
+
+    raise typer.Exit(main(get_settings(), typer.echo, api_url, gpu_metrics))
+
+
 @app.command("build-tiny")
 def build_tiny(target: Path | None = None) -> None:
     """Build the random-weight tiny I2VGen-XL offline (its videos are noise) into TARGET
