@@ -14,7 +14,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,7 @@ import torch
 
 from infra.engine.loader import EngineOptions, LoadedModel, free_memory, load_pipeline
 from infra.engine.registry import NOISE_WARNING, ModelEntry, resolve_model
+from infra.engine.speed import attention_context
 
 log = structlog.get_logger("i2vflow.engine")
 
@@ -77,6 +78,7 @@ class RenderResult:
     model_loads_in_process: int
     pid: int
     oom_fallback_used: bool
+    speed: dict = field(default_factory=dict)  # the speed levers this render ran with
 
 
 def _check_int(name: str, value: object, low: int, high: int) -> None:
@@ -173,10 +175,20 @@ class Engine:
             self._model_cache = get_settings().model_cache
         return self._model_cache
 
-    def warm(self, model: str) -> LoadedModel:
-        """Load ``model`` now (worker start-up) so the first job does not pay for it."""
+    def warm(self, model: str, warmup: RenderRequest | None = None) -> LoadedModel:
+        """Load ``model`` now (worker start-up) so the first job does not pay for it.
+
+        ``warmup``: a request rendered once here, so compilation (and CUDA graph capture)
+        for its shape happens at start-up, not inside the first job. Its steps do not
+        matter for compilation (2 are enough); width, height and frames do.
+        """
         with self._lock:
-            return self._get_model(resolve_model(model, self.model_cache))[0]
+            loaded = self._get_model(resolve_model(model, self.model_cache))[0]
+        if warmup is not None:
+            start = time.perf_counter()
+            self.render(replace(warmup, model=model))
+            log.info("model.warmed", model=model, seconds=round(time.perf_counter() - start, 3))
+        return loaded
 
     def render(self, request: RenderRequest) -> RenderResult:
         """Render ``request`` to uint8 frames; same request and seed give the same frames."""
@@ -234,7 +246,16 @@ class Engine:
         chunk = self.options.decode_chunk_size or (
             1 if loaded.device.startswith("cuda") else request.num_frames
         )
-        output = loaded.pipeline(
+        with attention_context(loaded.speed):
+            output = self._call(loaded, request, generator, chunk)
+        # 5. Convert to uint8 frames
+        return frames_to_uint8(output.frames)
+
+    @staticmethod
+    def _call(
+        loaded: LoadedModel, request: RenderRequest, generator: torch.Generator, chunk: int
+    ) -> object:
+        return loaded.pipeline(
             prompt=request.prompt,
             image=request.image.convert("RGB"),
             negative_prompt=request.negative_prompt,
@@ -248,8 +269,6 @@ class Engine:
             generator=generator,
             output_type="np",
         )
-        # 5. Convert to uint8 frames
-        return frames_to_uint8(output.frames)
 
     def _reload_offloaded(self, entry: ModelEntry) -> tuple[LoadedModel, float]:
         """Second rung of the OOM ladder: drop the GPU copy, reload with CPU offload.
@@ -319,6 +338,7 @@ class Engine:
             model_loads_in_process=model_loads_in_process(),
             pid=os.getpid(),
             oom_fallback_used=fallback_used,
+            speed=loaded.speed.as_dict(),
         )
 
 

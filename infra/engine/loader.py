@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import gc
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import structlog
 import torch
 
+from infra.engine import speed
 from infra.engine.registry import ModelEntry
+from infra.engine.speed import SpeedPlan
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
@@ -40,6 +42,18 @@ class EngineOptions:
     WITH defaults, so existing callers and cache keys keep working.
     ``decode_chunk_size``: frames the VAE decodes at once; ``None`` means auto (1 on CUDA,
     where larger chunks double memory for no speed-up; all frames on CPU).
+
+    Speed levers (``infra/engine/speed.py``, measured in docs/performance.md):
+    ``preset``: ``auto`` (``fast`` on CUDA, ``stock`` elsewhere), ``stock`` or ``fast``.
+    ``compile``, ``fuse_qkv``, ``channels_last``: ``None`` takes the preset's choice;
+    ``compile`` is ``off`` or a ``torch.compile`` mode (always ``dynamic=False``).
+    ``attention``: scaled-dot-product backend (``auto`` lets PyTorch pick).
+    ``cudnn_benchmark``: let cuDNN time its convolution algorithms per shape (process-wide).
+    ``compile_vae``: also compile the VAE decoder (only with ``compile`` on).
+    ``compile_cache_dir``: persistent inductor caches (default ``I2VFLOW_COMPILE_CACHE`` or
+    ``~/.cache/i2vflow/inductor``), so a worker's second start compiles from cache.
+    ``gpu_memory_gb``: cap this process's GPU memory (emulates a smaller card; ``auto``
+    memory mode then decides within the cap).
     """
 
     device: str = "auto"
@@ -47,6 +61,15 @@ class EngineOptions:
     memory_mode: str = "auto"
     oom_fallback: bool = True
     decode_chunk_size: int | None = None
+    preset: str = "auto"
+    compile: str | None = None
+    fuse_qkv: bool | None = None
+    channels_last: bool | None = None
+    attention: str = "auto"
+    cudnn_benchmark: bool | None = None
+    compile_vae: bool | None = None
+    compile_cache_dir: str | None = None
+    gpu_memory_gb: float | None = None
 
     def check(self) -> None:
         """Raise a precise ``ValueError`` for an option outside its allowed values."""
@@ -66,6 +89,7 @@ class EngineOptions:
             raise ValueError(
                 f"`decode_chunk_size` must be None or >= 1 but is {self.decode_chunk_size}"
             )
+        speed.check_options(self)
 
 
 @dataclass
@@ -78,6 +102,7 @@ class LoadedModel:
     dtype: str
     memory_mode: str
     load_seconds: float
+    speed: SpeedPlan = field(default_factory=SpeedPlan)
 
 
 def _is_cuda_index(device: str) -> bool:
@@ -136,8 +161,9 @@ def choose_memory_mode(requested: str, device: str, pipeline: DiffusionPipeline)
     """Resolve ``auto`` and modes that make no sense on the device.
 
     CPU: everything already lives in RAM, so ``auto`` and ``offload`` mean ``full``.
-    CUDA ``auto``: ``full`` when the free memory holds the weights plus activation headroom,
-    else ``offload`` (one component on the GPU at a time: slower, far smaller peak).
+    CUDA ``auto``: ``full`` when the free memory (within any per-process cap, see
+    ``gpu_memory_gb``) holds the weights plus activation headroom, else ``offload`` (one
+    component on the GPU at a time: slower, far smaller peak).
     """
     if not device.startswith("cuda"):
         if requested == "offload":
@@ -145,7 +171,7 @@ def choose_memory_mode(requested: str, device: str, pipeline: DiffusionPipeline)
         return "slicing" if requested == "slicing" else "full"
     if requested != "auto":
         return requested
-    free, _total = torch.cuda.mem_get_info(torch.device(device))
+    free = speed.usable_memory_bytes(device)
     needed = weight_bytes(pipeline) + ACTIVATION_HEADROOM_BYTES
     mode = "full" if free >= needed else "offload"
     log.info("memory_mode.auto", free_bytes=free, needed_bytes=needed, chosen=mode)
@@ -202,7 +228,7 @@ def load_pipeline(entry: ModelEntry, options: EngineOptions) -> LoadedModel:
     """Load ``entry`` the way ``options`` ask and report the choices made.
 
     Steps: 1 check options, 2 resolve device and dtype, 3 ``from_pretrained``, 4 shim and
-    quiet progress bars, 5 choose and apply the memory mode.
+    quiet progress bars, 5 choose and apply the memory mode, 6 apply the speed levers.
     """
     # 1. Check options
     options.check()
@@ -210,6 +236,8 @@ def load_pipeline(entry: ModelEntry, options: EngineOptions) -> LoadedModel:
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device, entry)
     log.info("model.loading", model=entry.name, source=entry.source, device=device, dtype=dtype)
+    if device.startswith("cuda"):
+        speed.apply_memory_cap(device, options.gpu_memory_gb)
     start = time.perf_counter()
     # 3. Load weights (on CPU first; placement is step 5)
     pipeline = _from_pretrained(entry, dtype)
@@ -219,6 +247,8 @@ def load_pipeline(entry: ModelEntry, options: EngineOptions) -> LoadedModel:
     # 5. Memory mode
     mode = choose_memory_mode(options.memory_mode, device, pipeline)
     mode = place_pipeline(pipeline, device, mode, options.oom_fallback)
+    # 6. Speed levers (compilation itself happens lazily, at the first render of a shape)
+    plan = speed.apply_plan(pipeline, speed.resolve_plan(options, device, mode))
     seconds = time.perf_counter() - start
     log.info(
         "model.loaded",
@@ -226,6 +256,7 @@ def load_pipeline(entry: ModelEntry, options: EngineOptions) -> LoadedModel:
         device=device,
         dtype=dtype,
         memory_mode=mode,
+        speed=plan.preset,
         seconds=round(seconds, 3),
     )
-    return LoadedModel(pipeline, entry, device, dtype, mode, seconds)
+    return LoadedModel(pipeline, entry, device, dtype, mode, seconds, plan)

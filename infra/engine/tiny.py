@@ -41,9 +41,9 @@ or set "model" in the job JSON.
 SEED = 0
 
 
-def _config(name: str) -> dict[str, Any]:
+def _config(name: str, config_dir: Path = CONFIG_DIR) -> dict[str, Any]:
     """Read one component's config dict from the JSON files shipped in the repo."""
-    return json.loads((CONFIG_DIR / f"{name}.json").read_text())
+    return json.loads((Path(config_dir) / f"{name}.json").read_text())
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -79,18 +79,22 @@ def _byte_level_vocab() -> dict[str, int]:
     return {token: index for index, token in enumerate(tokens)}
 
 
-def build_tokenizer() -> Any:
+def build_tokenizer(config_dir: Path = CONFIG_DIR) -> Any:
     """Build a ``CLIPTokenizer`` offline from the byte-level vocabulary (no merges)."""
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer(vocab=_byte_level_vocab(), merges=[], **_config("tokenizer"))
+    return CLIPTokenizer(vocab=_byte_level_vocab(), merges=[], **_config("tokenizer", config_dir))
 
 
-def build_components() -> dict[str, Any]:
+def build_components(
+    config_dir: Path = CONFIG_DIR, device: str | None = None, dtype: Any = None
+) -> dict[str, Any]:
     """Create every pipeline component from its JSON config, with seeded random weights.
 
     Why seeded: two builds (two hosts, two test sessions) must give byte-identical weights,
-    so a video rendered from the tiny model is reproducible anywhere.
+    so a video rendered from the tiny model is reproducible anywhere. ``device`` creates the
+    weights there (a full-size build initialises ~2.4 G parameters: seconds on a GPU, minutes
+    on a CPU); ``dtype`` casts them afterwards (random init always runs in float32).
     """
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, I2VGenXLUNet
@@ -102,25 +106,38 @@ def build_components() -> dict[str, Any]:
         CLIPVisionModelWithProjection,
     )
 
-    tokenizer = build_tokenizer()
+    def config(name: str) -> dict[str, Any]:
+        return _config(name, config_dir)
+
+    tokenizer = build_tokenizer(config_dir)
     vocab = tokenizer.get_vocab()
     text_config = CLIPTextConfig(
-        **_config("text_encoder"),
+        **config("text_encoder"),
         vocab_size=len(vocab),
         bos_token_id=vocab["<|startoftext|>"],
         eos_token_id=vocab["<|endoftext|>"],
         pad_token_id=vocab["<|endoftext|>"],
     )
     torch.manual_seed(SEED)
+    if device is not None and device.startswith("cuda"):
+        torch.cuda.manual_seed_all(SEED)
+    with torch.device(device or "cpu"):
+        models = {
+            "unet": I2VGenXLUNet.from_config(config("unet")),
+            "vae": AutoencoderKL.from_config(config("vae")),
+            "text_encoder": CLIPTextModel(text_config),
+            "image_encoder": CLIPVisionModelWithProjection(
+                CLIPVisionConfig(**config("image_encoder"))
+            ),
+        }
+    for model in models.values():
+        model.eval()
+        if dtype is not None:
+            model.to(dtype)
     return {
-        "unet": I2VGenXLUNet.from_config(_config("unet")).eval(),
-        "vae": AutoencoderKL.from_config(_config("vae")).eval(),
-        "text_encoder": CLIPTextModel(text_config).eval(),
-        "image_encoder": CLIPVisionModelWithProjection(
-            CLIPVisionConfig(**_config("image_encoder"))
-        ).eval(),
-        "feature_extractor": CLIPImageProcessor(**_config("feature_extractor")),
-        "scheduler": DDIMScheduler.from_config(_config("scheduler")),
+        **models,
+        "feature_extractor": CLIPImageProcessor(**config("feature_extractor")),
+        "scheduler": DDIMScheduler.from_config(config("scheduler")),
         "tokenizer": tokenizer,
     }
 
@@ -151,7 +168,18 @@ def _is_built(target: Path) -> bool:
 
 
 def build_tiny_i2vgenxl(target: Path) -> Path:
-    """Build the tiny random-weight I2VGen-XL into ``target`` once; return ``target``.
+    """Build the tiny random-weight I2VGen-XL into ``target`` once; return ``target``."""
+    return build_pipeline_folder(target, CONFIG_DIR, MARKER_TEXT)
+
+
+def build_pipeline_folder(
+    target: Path,
+    config_dir: Path,
+    marker_text: str,
+    device: str | None = None,
+    dtype: Any = None,
+) -> Path:
+    """Build a random-weight I2VGen-XL from ``config_dir`` into ``target`` once.
 
     Idempotent and safe to call from several processes at once: an existing
     ``target/model_index.json`` means built; otherwise the build happens in a temp folder
@@ -169,9 +197,10 @@ def build_tiny_i2vgenxl(target: Path) -> Path:
 
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
-            pipeline = I2VGenXLPipeline(**build_components())
+            pipeline = I2VGenXLPipeline(**build_components(config_dir, device, dtype))
             pipeline.save_pretrained(staging)
-            (staging / MARKER_NAME).write_text(MARKER_TEXT)
+            del pipeline
+            (staging / MARKER_NAME).write_text(marker_text)
             _make_readable(staging)
             if target.exists():  # a leftover without model_index.json: an interrupted build
                 shutil.rmtree(target)

@@ -1,0 +1,265 @@
+"""Speed levers of the engine: what to apply to a loaded pipeline on a GPU, and how.
+
+Why a module of its own: every lever is a setting of ``EngineOptions`` that the tasks use,
+so the benchmark measures exactly the code path that serves jobs (no benchmark-only path).
+``resolve_plan`` turns options (a ``preset`` plus per-lever overrides) into a ``SpeedPlan``;
+``apply_plan`` applies it to a pipeline already placed on its device and reports what it
+really did (a lever that does not fit the model or the memory mode is skipped, with the reason),
+so every render's sidecar can say which levers ran.
+
+Presets:
+- ``stock``: nothing; the pipeline exactly as diffusers ships it.
+- ``fast``: the measured fast path on CUDA (see docs/performance.md): the UNet under
+  ``torch.compile`` (``dynamic=False``, persistent inductor caches) with fused QKV
+  projections and channels-last convolutions.
+- ``auto`` (default): ``fast`` on CUDA, ``stock`` elsewhere (on a CPU nothing changes).
+
+Quality-trading levers are never part of a preset.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import structlog
+import torch
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
+
+    from infra.engine.loader import EngineOptions
+
+log = structlog.get_logger("i2vflow.engine")
+
+PRESETS_ALLOWED = ("auto", "stock", "fast")
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+ATTENTION_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
+DEFAULT_COMPILE_CACHE = Path("~/.cache/i2vflow/inductor")
+COMPILE_CACHE_ENV = "I2VFLOW_COMPILE_CACHE"
+
+
+@dataclass(frozen=True)
+class SpeedPlan:
+    """The levers one loaded model runs with; ``as_dict`` goes into every render's account."""
+
+    preset: str = "stock"
+    compile: str = "off"
+    fuse_qkv: bool = False
+    channels_last: bool = False
+    attention: str = "auto"
+    cudnn_benchmark: bool = False
+    compile_vae: bool = False
+    compile_cache_dir: str | None = None
+    skipped: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["skipped"] = list(self.skipped)
+        return data
+
+
+PRESETS: dict[str, SpeedPlan] = {
+    "stock": SpeedPlan(preset="stock"),
+    # Measured on H100 (docs/performance.md): compile default mode + fused QKV + channels-last
+    # convolutions inside the compiled graph: 512x512x16x50 in 7.08 s against stock's 11.69 s.
+    "fast": SpeedPlan(preset="fast", compile="default", fuse_qkv=True, channels_last=True),
+}
+
+
+def check_options(options: EngineOptions) -> None:
+    """Raise a precise ``ValueError`` for a speed option outside its allowed values."""
+    if options.preset not in PRESETS_ALLOWED:
+        raise ValueError(f"`preset` must be one of {PRESETS_ALLOWED} but is {options.preset!r}")
+    if options.compile is not None and options.compile not in COMPILE_MODES:
+        raise ValueError(
+            f"`compile` must be None or one of {COMPILE_MODES} but is {options.compile!r}"
+        )
+    if options.attention not in ATTENTION_BACKENDS:
+        raise ValueError(
+            f"`attention` must be one of {ATTENTION_BACKENDS} but is {options.attention!r}"
+        )
+    if options.gpu_memory_gb is not None and options.gpu_memory_gb <= 0:
+        raise ValueError(f"`gpu_memory_gb` must be None or > 0 but is {options.gpu_memory_gb}")
+
+
+def resolve_plan(options: EngineOptions, device: str, memory_mode: str) -> SpeedPlan:
+    """Preset first, then each lever the options set explicitly; then what cannot apply.
+
+    ``auto`` means ``fast`` on CUDA and ``stock`` elsewhere. With model CPU offload the
+    UNet moves between devices, so compilation is skipped (and said so).
+    """
+    preset = options.preset
+    if preset == "auto":
+        preset = "fast" if device.startswith("cuda") else "stock"
+    plan = PRESETS[preset]
+    overrides: dict[str, Any] = {}
+    if options.compile is not None:
+        overrides["compile"] = options.compile
+    if options.fuse_qkv is not None:
+        overrides["fuse_qkv"] = options.fuse_qkv
+    if options.channels_last is not None:
+        overrides["channels_last"] = options.channels_last
+    if options.attention != "auto":
+        overrides["attention"] = options.attention
+    if options.cudnn_benchmark is not None:
+        overrides["cudnn_benchmark"] = options.cudnn_benchmark
+    if options.compile_vae is not None:
+        overrides["compile_vae"] = options.compile_vae
+    plan = replace(plan, **overrides)
+    skipped: list[str] = []
+    if plan.compile != "off" and memory_mode == "offload":
+        skipped.append(f"compile={plan.compile} (memory_mode=offload moves the UNet)")
+        plan = replace(plan, compile="off")
+    if plan.compile_vae and plan.compile == "off":
+        skipped.append("compile_vae (needs compile)")
+        plan = replace(plan, compile_vae=False)
+    if plan.attention != "auto" and not device.startswith("cuda"):
+        skipped.append(f"attention={plan.attention} (CUDA only)")
+        plan = replace(plan, attention="auto")
+    if plan.cudnn_benchmark and not device.startswith("cuda"):
+        skipped.append("cudnn_benchmark (CUDA only)")
+        plan = replace(plan, cudnn_benchmark=False)
+    if plan.compile != "off":
+        plan = replace(plan, compile_cache_dir=str(compile_cache_dir(options.compile_cache_dir)))
+    return replace(plan, skipped=tuple(skipped))
+
+
+def compile_cache_dir(configured: str | None) -> Path:
+    """Where inductor keeps compiled kernels and FX graphs across processes."""
+    value = configured or os.environ.get(COMPILE_CACHE_ENV) or str(DEFAULT_COMPILE_CACHE)
+    return Path(value).expanduser()
+
+
+def configure_compile_cache(cache_dir: str | Path) -> None:
+    """Point inductor's persistent caches (FX graphs, Triton kernels) at ``cache_dir``.
+
+    Why: a compiled UNet costs minutes on a cold cache and far less on a warm one; a worker's
+    second start must find the first start's work. Set before the first compile.
+    """
+    path = Path(cache_dir).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fx_graph_cache = True
+
+
+def _channels_last(module: torch.nn.Module) -> int:
+    """Convolution weights to channels-last (2D) / channels-last-3d (3D); count converted.
+
+    ``module.to(memory_format=...)`` cannot do it: the UNet mixes rank-4 and rank-5 weights.
+    """
+    converted = 0
+    for sub in module.modules():
+        weight = getattr(sub, "weight", None)
+        if not isinstance(sub, torch.nn.Conv2d | torch.nn.Conv3d) or weight is None:
+            continue
+        fmt = torch.channels_last if weight.dim() == 4 else torch.channels_last_3d
+        weight.data = weight.data.contiguous(memory_format=fmt)
+        converted += 1
+    return converted
+
+
+def apply_plan(pipeline: DiffusionPipeline, plan: SpeedPlan) -> SpeedPlan:
+    """Apply ``plan`` to a placed pipeline; return the plan as really applied."""
+    skipped = list(plan.skipped)
+    unet = pipeline.unet
+    if plan.fuse_qkv:
+        try:
+            unet.fuse_qkv_projections()
+        except (ValueError, AttributeError) as error:
+            skipped.append(f"fuse_qkv ({error})")
+            plan = replace(plan, fuse_qkv=False)
+    if plan.channels_last:
+        _channels_last(unet)
+        if plan.compile_vae:
+            _channels_last(pipeline.vae.decoder)
+    if plan.cudnn_benchmark:
+        # Process-wide: cuDNN times its convolution algorithms once per shape and keeps the
+        # fastest (the UNet's shapes are fixed per request shape).
+        torch.backends.cudnn.benchmark = True
+    if plan.compile != "off":
+        assert plan.compile_cache_dir is not None
+        configure_compile_cache(plan.compile_cache_dir)
+        mode = None if plan.compile == "default" else plan.compile
+        if plan.channels_last:
+            # Inductor's own heuristic keeps the UNet's convolutions NCHW, so cuDNN transposes
+            # around every one of them; force channels-last layouts inside compiled graphs.
+            import torch._inductor.config as inductor_config
+
+            inductor_config.force_layout_optimization = True
+        unet.compile(mode=mode, dynamic=False, fullgraph=False)
+        if plan.compile_vae:
+            # Decoder only (called once per chunk of frames); no CUDA graphs: its outputs are
+            # kept across calls (torch.cat of chunks).
+            pipeline.vae.decoder.compile(dynamic=False, fullgraph=False)
+    plan = replace(plan, skipped=tuple(skipped))
+    log.info("speed.applied", **plan.as_dict())
+    return plan
+
+
+_BACKENDS = {
+    "flash": "FLASH_ATTENTION",
+    "efficient": "EFFICIENT_ATTENTION",
+    "cudnn": "CUDNN_ATTENTION",
+    "math": "MATH",
+}
+
+
+@contextlib.contextmanager
+def attention_context(plan: SpeedPlan | None) -> Iterator[None]:
+    """Restrict scaled-dot-product attention to the plan's backend (``auto``: no change)."""
+    if plan is None or plan.attention == "auto":
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    # The chosen backend first; the others stay as fallbacks for shapes it cannot take
+    # (the VAE's attention has head_dim 512, beyond flash and cuDNN).
+    first = getattr(SDPBackend, _BACKENDS[plan.attention])
+    rest = [getattr(SDPBackend, name) for name in _BACKENDS.values()]
+    order = [first, *[backend for backend in rest if backend != first]]
+    with sdpa_kernel(order, set_priority=True):
+        yield
+
+
+def memory_cap_bytes(device: str) -> int | None:
+    """The per-process cap set by ``set_per_process_memory_fraction`` (None when none)."""
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    if getter is None:
+        return None
+    fraction = getter(index)
+    if fraction >= 1.0:
+        return None
+    return int(fraction * torch.cuda.get_device_properties(index).total_memory)
+
+
+def apply_memory_cap(device: str, gpu_memory_gb: float | None) -> None:
+    """Cap this process at ``gpu_memory_gb`` (emulates a small card; None: no cap)."""
+    if gpu_memory_gb is None:
+        return
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    total = torch.cuda.get_device_properties(index).total_memory
+    fraction = min(1.0, gpu_memory_gb * 1024**3 / total)
+    torch.cuda.set_per_process_memory_fraction(fraction, index)
+    log.info("memory.cap", device=device, gpu_memory_gb=gpu_memory_gb, fraction=round(fraction, 4))
+
+
+def usable_memory_bytes(device: str) -> int:
+    """Free memory this process may still use: the driver's free, within any process cap."""
+    dev = torch.device(device)
+    free, _total = torch.cuda.mem_get_info(dev)
+    cap = memory_cap_bytes(device)
+    if cap is None:
+        return free
+    return max(0, min(free, cap - torch.cuda.memory_reserved(dev)))
