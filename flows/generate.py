@@ -22,7 +22,7 @@ from infra.spec import BadInputError, ErrorReport, FieldProblem
 from tasks.encode import encode_video
 from tasks.inputs import InputChangedError, PreparedJob, load_inputs
 from tasks.publish import i2vflow_version, publish_video, write_error_report
-from tasks.render import RenderedFrames, await_render, render_frames
+from tasks.render import OrphanedRender, RenderedFrames, await_render, render_frames
 
 
 @flow(name="generate-video", log_prints=False, retries=0)
@@ -36,9 +36,7 @@ def generate_video(ticket: JobTicket) -> State:
     started = time.perf_counter()
     try:
         job = _timed(timings, "load_inputs", load_inputs, ticket)
-        with tags(f"model:{job.model}"):
-            future = render_frames.delay(job)
-        rendered = _timed(timings, "render", await_render, future, settings.render_timeout_seconds)
+        rendered = _timed(timings, "render", render_on_gpu_worker, job, settings.render_timeout_seconds)
     except BadInputError as exc:
         write_error_report(ticket, exc.report)
         return Failed(message=f"bad input: {exc.report.message}")
@@ -53,6 +51,19 @@ def generate_video(ticket: JobTicket) -> State:
     sidecar = publish_video(ticket, video, _sidecar(ticket, job, rendered, video, timings))
     log.info("job.done", video_key=sidecar["video"]["key"], seconds=timings)
     return Completed(message=f"video {sidecar['video']['url']}", data=sidecar)
+
+
+def render_on_gpu_worker(job: PreparedJob, timeout: float, resubmits: int = 2) -> RenderedFrames:
+    """Hand the render to the warm GPU worker; if that worker dies mid-render, submit again."""
+    for attempt in range(resubmits + 1):
+        with tags(f"model:{job.model}"):
+            future = render_frames.delay(job)
+        try:
+            return await_render(future, timeout)
+        except OrphanedRender:
+            if attempt == resubmits:
+                raise
+    raise AssertionError("unreachable")
 
 
 def _timed(timings: dict[str, float], name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:

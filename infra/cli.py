@@ -120,6 +120,7 @@ def gpu_worker(warm: bool = typer.Option(True, help="Load the model before takin
     """Serve the render task in this process, keeping the model loaded across jobs."""
     from prefect.task_worker import serve
 
+    from infra.heartbeat import HeartbeatPublisher
     from infra.logging import configure_logging
     from infra.settings import get_settings
     from tasks.render import engine_options, render_frames
@@ -131,7 +132,12 @@ def gpu_worker(warm: bool = typer.Option(True, help="Load the model before takin
         from infra.engine.engine import get_engine
 
         get_engine(engine_options()).warm(settings.model)
-    serve(render_frames, limit=1)
+    heartbeat = HeartbeatPublisher()
+    heartbeat.start()
+    try:
+        serve(render_frames, limit=1)
+    finally:
+        heartbeat.stop()
 
 
 def _gpu_worker_metrics(settings: object) -> None:

@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     # Watcher.
     rescan_seconds: float = Field(2.0, gt=0, description="Full rescan interval (the truth).")
     settle_seconds: float = Field(0.5, ge=0, description="Min gap between the two looks.")
-    submit_lease_seconds: float = Field(120.0, gt=0)
+    submit_lease_seconds: float = Field(30.0, gt=0, description="A dead submitter's claim expires after this.")
     max_spec_bytes: int = Field(256 * 1024, gt=0)
     max_image_bytes: int = Field(50 * 1024 * 1024, gt=0)
     max_image_pixels: int = Field(40_000_000, gt=0)

@@ -32,21 +32,50 @@ class RenderedFrames(BaseModel):
     engine: dict[str, Any]
 
 
-def await_render(future: Any, timeout: float) -> RenderedFrames:
+class OrphanedRender(RuntimeError):
+    """The GPU worker executing this render stopped (no heartbeat); the render was crashed."""
+
+
+def await_render(future: Any, timeout: float, check_every: float = 10.0, stale_after: float = 20.0) -> RenderedFrames:
     """The result of ``render_frames.delay(...)``, waiting up to ``timeout`` seconds.
 
-    Prefect 3.9 may read a just-submitted deferred task run before the server has recorded its
-    first state and raise "has no state which means it hasn't started yet"; that is a race, not
-    a failure of the job, so ask again until the deadline.
+    Every ``check_every`` seconds without a result, the task run is checked: Running but claimed
+    by no GPU-worker heartbeat fresher than ``stale_after`` means its worker died; it is marked
+    Crashed (freeing its ``gpu`` slot) and OrphanedRender is raised so the caller resubmits.
+    Prefect 3.9 may also read a just-deferred task run before its first state is recorded
+    ("has no state ... hasn't started yet"): a race, not a failure, so it asks again.
     """
     deadline = time.monotonic() + timeout
     while True:
+        wait = max(1.0, min(check_every, deadline - time.monotonic()))
         try:
-            return future.result(timeout=max(1.0, deadline - time.monotonic()))
+            return future.result(timeout=wait)
+        except TimeoutError:
+            if time.monotonic() >= deadline:
+                raise
+            _crash_if_orphaned(str(future.task_run_id), stale_after)
         except RuntimeError as exc:
             if "has no state" not in str(exc) or time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
+
+
+def _crash_if_orphaned(task_run_id: str, stale_after: float) -> None:
+    from prefect import get_client
+    from prefect.states import Crashed
+
+    from infra.heartbeat import claimed_task_runs
+
+    with get_client(sync_client=True) as client:
+        task_run = client.read_task_run(task_run_id)
+        if task_run.state is None or not task_run.state.is_running():
+            return  # queued: waiting for a worker is not an orphan
+        started = task_run.state.timestamp.timestamp()
+        if time.time() - started < stale_after or task_run_id in claimed_task_runs(stale_after):
+            return
+        client.set_task_run_state(task_run_id, Crashed(message="GPU worker stopped (no heartbeat)"), force=True)
+    structlog.get_logger("i2vflow.render").warning("render.orphaned", task_run_id=task_run_id)
+    raise OrphanedRender(f"render task run {task_run_id} lost its GPU worker; resubmitting")
 
 
 def engine_options() -> Any:
@@ -73,11 +102,14 @@ def _retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:
       retry_condition_fn=_retry_unless_bad_input, persist_result=True)
 def render_frames(job: PreparedJob) -> RenderedFrames:
     """1. get the warm engine, 2. render, 3. hand back frames and the engine's account."""
+    from prefect.runtime import task_run
+
     from infra.engine.engine import get_engine
+    from infra.heartbeat import tracking
 
     engine = get_engine(engine_options())
     spec = job.spec
-    with structlog.contextvars.bound_contextvars(job_id=job.job_id, input_key=job.stem):
+    with tracking(str(task_run.id)), structlog.contextvars.bound_contextvars(job_id=job.job_id, input_key=job.stem):
         try:
             result = _render(engine, job, spec)
         except Exception as exc:
