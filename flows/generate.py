@@ -22,7 +22,7 @@ from infra.spec import BadInputError, ErrorReport, FieldProblem
 from tasks.encode import encode_video
 from tasks.inputs import InputChangedError, PreparedJob, load_inputs
 from tasks.publish import i2vflow_version, publish_video, write_error_report
-from tasks.render import OrphanedRender, RenderedFrames, await_render, render_frames
+from tasks.render import OrphanedRender, RenderedFrames, RenderFailed, await_render, render_frames
 
 
 @flow(name="generate-video", log_prints=False, retries=0)
@@ -43,9 +43,11 @@ def generate_video(ticket: JobTicket) -> State:
     except InputChangedError as exc:
         log.info("job.superseded", reason=str(exc))
         return Cancelled(message=str(exc))
-    except Exception as exc:
+    except RenderFailed as exc:
         write_error_report(ticket, _render_failure(exc))
-        raise
+        return Failed(message=f"render failed: {exc}")
+    # Anything else (store or server unreachable, a GPU worker lost repeatedly) is the
+    # operator's problem, not the user's: the run fails loudly and the reconciler retries it.
     video = _timed(timings, "encode", encode_video, rendered.frames, job.spec.fps)
     timings["total_before_publish"] = round(time.perf_counter() - started, 3)
     sidecar = publish_video(ticket, video, _sidecar(ticket, job, rendered, video, timings))
@@ -74,7 +76,7 @@ def _timed(timings: dict[str, float], name: str, fn: Any, *args: Any, **kwargs: 
         timings[name] = round(time.perf_counter() - start, 3)
 
 
-def _render_failure(exc: Exception) -> ErrorReport:
+def _render_failure(exc: RenderFailed) -> ErrorReport:
     problem = FieldProblem(field=None, problem=f"rendering failed: {type(exc).__name__}: {exc}"[:2000],
                            fix="smaller width/height or num_frames help with out-of-memory errors; "
                            "otherwise ask the operator (the run's logs in the Prefect UI say more)")

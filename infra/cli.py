@@ -123,7 +123,7 @@ def gpu_worker(warm: bool = typer.Option(True, help="Load the model before takin
     from infra.heartbeat import HeartbeatPublisher
     from infra.logging import configure_logging
     from infra.settings import get_settings
-    from tasks.render import engine_options, render_frames
+    from tasks.render import engine_options, render_frames, warmup_requests
 
     settings = get_settings()
     configure_logging(settings.resolved_log_file)
@@ -131,7 +131,9 @@ def gpu_worker(warm: bool = typer.Option(True, help="Load the model before takin
     if warm:
         from infra.engine.engine import get_engine
 
-        get_engine(engine_options()).warm(settings.model)
+        engine = get_engine(engine_options())
+        for warmup in warmup_requests(settings.model, settings.warmup_shapes):
+            engine.warm(settings.model, warmup=warmup)
     heartbeat = HeartbeatPublisher()
     heartbeat.start()
     try:

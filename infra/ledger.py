@@ -127,6 +127,16 @@ class Ledger:
                 (error[:2000], time.time(), job_id, owner),
             )
 
+    def resubmit(self, job_id: str) -> None:
+        """Send a job back to be submitted again (its flow run vanished from the server)."""
+        with self._write() as db:
+            db.execute("UPDATE jobs SET state='detected', flow_run_id=NULL, lease_until=0, updated_at=?"
+                       " WHERE job_id=?", (time.time(), job_id))
+
+    def count_attempt(self, job_id: str) -> None:
+        with self._write() as db:
+            db.execute("UPDATE jobs SET attempts=attempts+1, updated_at=? WHERE job_id=?", (time.time(), job_id))
+
     def mark_submitted(self, job_id: str, flow_run_id: str) -> None:
         self._set_state(job_id, "submitted", flow_run_id=flow_run_id)
 

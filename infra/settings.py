@@ -38,6 +38,8 @@ class Settings(BaseSettings):
     rescan_seconds: float = Field(2.0, gt=0, description="Full rescan interval (the truth).")
     settle_seconds: float = Field(0.5, ge=0, description="Min gap between the two looks.")
     submit_lease_seconds: float = Field(30.0, gt=0, description="A dead submitter's claim expires after this.")
+    reconcile_seconds: float = Field(60.0, gt=0, description="How often ledger, runs and outbox are compared.")
+    max_reschedules: int = Field(3, ge=0, description="Times the reconciler retries a crashed run.")
     max_spec_bytes: int = Field(256 * 1024, gt=0)
     max_image_bytes: int = Field(50 * 1024 * 1024, gt=0)
     max_image_pixels: int = Field(40_000_000, gt=0)
@@ -55,6 +57,8 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     memory_mode: Literal["auto", "full", "slicing", "offload"] = "auto"
     oom_fallback: bool = True
+    warmup_shapes: str = Field("", description="WxHxF,... rendered (2 steps) at GPU-worker start; "
+                               "empty: the model's default size at 16 frames.")
 
     # S3-compatible bucket (used when inbox/outbox start with s3://).
     s3_endpoint: str = "localhost:9000"

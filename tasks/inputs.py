@@ -54,7 +54,8 @@ def _unsafe_reference(ticket: JobTicket) -> BadInputError:
     return BadInputError(ErrorReport(error="unsafe_path", message=item.problem, problems=[item]))
 
 
-@task(name="load-inputs", retries=2, retry_delay_seconds=[2, 10],
+# Store errors retry for about two minutes: an S3 server restarting must not lose the job.
+@task(name="load-inputs", retries=4, retry_delay_seconds=[2, 10, 30, 60],
       retry_condition_fn=lambda task, run, state: not _is_final(state))
 def load_inputs(ticket: JobTicket, overrides: dict[str, Any] | None = None) -> PreparedJob:
     """1. read spec layers, 2. validate the spec, 3. read and check the image, 4. pick size and seed.

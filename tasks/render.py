@@ -32,6 +32,12 @@ class RenderedFrames(BaseModel):
     engine: dict[str, Any]
 
 
+class RenderFailed(ValueError):
+    """The model could not render this job (out of memory after the fallback, or inputs it
+    refuses). Final: retrying the same job on the same worker cannot help, so no retries;
+    the flow turns it into the job's error report."""
+
+
 class OrphanedRender(RuntimeError):
     """The GPU worker executing this render stopped (no heartbeat); the render was crashed."""
 
@@ -78,6 +84,23 @@ def _crash_if_orphaned(task_run_id: str, stale_after: float) -> None:
     raise OrphanedRender(f"render task run {task_run_id} lost its GPU worker; resubmitting")
 
 
+def warmup_requests(model: str, shapes: str) -> list[Any]:
+    """Two-step renders at the shapes jobs will use, run when the GPU worker starts, so
+    compilation and first-call costs are paid before the first job, not inside it.
+    ``shapes`` is "WxHxF,..." or empty for the model's default square at 16 frames."""
+    from PIL import Image
+
+    from infra.engine.engine import RenderRequest
+    from tasks.inputs import DEFAULT_SHORT_SIDE, FALLBACK_SHORT_SIDE
+
+    side = DEFAULT_SHORT_SIDE.get(model, FALLBACK_SHORT_SIDE)
+    parsed = [tuple(int(n) for n in shape.lower().split("x")) for shape in shapes.split(",") if shape.strip()]
+    return [RenderRequest(image=Image.new("RGB", (width, height), (128, 128, 128)), prompt="warm-up",
+                          negative_prompt=None, num_frames=frames, fps=8, steps=2, guidance_scale=9.0,
+                          width=width, height=height, seed=0, model=model)
+            for width, height, frames in parsed or [(side, side, 16)]]
+
+
 def engine_options() -> Any:
     """The engine settings of this worker, from the environment (``I2VFLOW_DEVICE`` ...)."""
     from infra.engine.loader import EngineOptions
@@ -104,7 +127,7 @@ def render_frames(job: PreparedJob) -> RenderedFrames:
     """1. get the warm engine, 2. render, 3. hand back frames and the engine's account."""
     from prefect.runtime import task_run
 
-    from infra.engine.engine import get_engine
+    from infra.engine.engine import RenderOutOfMemory, get_engine
     from infra.heartbeat import tracking
 
     engine = get_engine(engine_options())
@@ -114,6 +137,8 @@ def render_frames(job: PreparedJob) -> RenderedFrames:
             result = _render(engine, job, spec)
         except Exception as exc:
             metrics.observe_render_error(exc)
+            if isinstance(exc, RenderOutOfMemory | ValueError):
+                raise RenderFailed(f"{type(exc).__name__}: {exc}") from exc
             raise
     metrics.observe_render(result)
     account = {k: v for k, v in vars(result).items() if k != "frames"}

@@ -15,11 +15,12 @@ import structlog
 from infra.jobs import JobTicket
 from infra.ledger import Ledger
 from infra.logging import configure_logging
-from infra.orchestrator import emit_job_event, submit_job
+from infra.orchestrator import emit_job_event, read_run_states, reschedule_run, submit_job
 from infra.settings import Settings, get_settings
-from infra.store import BucketStore, StoreError, make_client, open_store, s3_credentials
+from infra.store import BucketStore, Store, StoreError, make_client, open_store, s3_credentials
 from infra.watch.bucket import ListenHints
 from infra.watch.folder import start_folder_hints
+from infra.watch.reconcile import Finding, findings_markdown, reconcile
 from infra.watch.service import Watcher
 from infra.watch.webhook import WebhookServer
 
@@ -35,7 +36,7 @@ def build_watcher(settings: Settings | None = None) -> tuple[Watcher, Callable[[
     configure_logging(settings.resolved_log_file)
     inbox_location, outbox_location = _location(settings.inbox), _location(settings.outbox)
     inbox = open_store(inbox_location, settings)
-    open_store(outbox_location, settings)  # fail early on a wrong outbox
+    outbox = open_store(outbox_location, settings)  # fails early on a wrong outbox
     ledger = Ledger(settings.ledger_path)
     kind = "bucket" if inbox_location.startswith("s3://") else "folder"
 
@@ -60,6 +61,7 @@ def build_watcher(settings: Settings | None = None) -> tuple[Watcher, Callable[[
         for source, stop in _start_bucket_hints(settings, inbox, watcher):
             closers.insert(0, stop)
             hints.append(source)
+    watcher.reconcile = lambda: _reconcile(ledger, outbox, settings.max_reschedules)
     watcher.hint_sources = hints  # type: ignore[attr-defined]  # for tests and `doctor`
     structlog.get_logger("i2vflow.watcher").info(
         "watcher.started", inbox=inbox.describe(), outbox=outbox_location, source=kind,
@@ -72,6 +74,16 @@ def build_watcher(settings: Settings | None = None) -> tuple[Watcher, Callable[[
                 closers.pop(0)()
 
     return watcher, close
+
+
+def _reconcile(ledger: Ledger, outbox: Store, max_attempts: int) -> list[Finding]:
+    findings = reconcile(ledger, outbox, read_run_states, reschedule_run, max_attempts)
+    if findings:
+        from prefect.artifacts import create_markdown_artifact
+
+        create_markdown_artifact(key="i2vflow-reconciler", markdown=findings_markdown(findings),
+                                 description="What the i2vflow reconciler found and repaired")
+    return findings
 
 
 def _start_bucket_hints(settings: Settings, inbox: BucketStore,

@@ -58,6 +58,9 @@ class Watcher:
         self.wake = threading.Event()
         self._models: dict[str, str] = {}
         self._backoff = 0.0
+        # Set by build_watcher: compares ledger, Prefect runs and outbox (infra/watch/reconcile.py).
+        self.reconcile: Callable[[], object] | None = None
+        self._next_reconcile = 0.0
 
     def scan_once(self) -> ScanReport:
         """One look at the inbox: 1. list, 2. settle, 3. pair, 4. record, 5. submit."""
@@ -163,12 +166,22 @@ class Watcher:
             if self._backoff:
                 stop.wait(self._backoff)  # hints must not cut a back-off short
                 continue
+            self._maybe_reconcile()
             pending_settle = bool(self.settler.unsettled())
             wait = self.settings.settle_seconds if pending_settle else self.settings.rescan_seconds
             woke = self.wake.wait(timeout=max(wait, 0.05))
             if woke:
                 self.wake.clear()
                 stop.wait(self.settings.settle_seconds)  # let a burst of events finish
+
+    def _maybe_reconcile(self) -> None:
+        if self.reconcile is None or time.monotonic() < self._next_reconcile:
+            return
+        self._next_reconcile = time.monotonic() + self.settings.reconcile_seconds
+        try:
+            self.reconcile()
+        except Exception as exc:  # the server may be away; the next pass tries again
+            log.warning("reconcile.failed", error=repr(exc)[:500])
 
     def _next_backoff(self) -> float:
         return min(60.0, max(1.0, self._backoff * 2))
