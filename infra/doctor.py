@@ -21,6 +21,7 @@ from infra.settings import Settings
 
 OK, WARN, SKIPPED, PROBLEM = "OK", "WARN", "SKIPPED", "PROBLEM"
 RENDER_TASK = "render-frames"
+RENDER_TASK_KEY = "render_frames-"  # Prefect's task key: the function's name, then a hash of its source
 WORKER_FRESH_SECONDS = 90.0
 
 
@@ -171,7 +172,7 @@ def _check_gpu_limit(client: Any, settings: Settings) -> Check:
 def _check_task_worker(client: Any, settings: Settings) -> Check:
     """Prefect's own record of task workers subscribed over a websocket (any host)."""
     response = client.request("POST", "/task_workers/filter", json={})
-    workers = [w for w in response.json() if any(key.startswith(RENDER_TASK) for key in w.get("task_keys", []))]
+    workers = [w for w in response.json() if any(key.startswith(RENDER_TASK_KEY) for key in w.get("task_keys", []))]
     if not workers:
         return Check("gpu task worker", PROBLEM, f"no task worker serves {RENDER_TASK!r}: renders wait forever",
                      "start one per GPU: `i2vflow gpu-worker` (with the same PREFECT_API_URL and result storage)")

@@ -66,6 +66,7 @@ def service(prefect_api: str, tiny_model_cache: Path, tmp_path_factory: pytest.T
     """Deploy prefect.yaml and start the same workers `i2vflow up` starts (they reach the
     session's S3 server too, so tickets with s3:// inboxes and outboxes work)."""
     from infra.service import Supervisor, apply_deployments, prefect_env, start_workers
+    from tests.ports import free_port
 
     state = tmp_path_factory.mktemp("service-state")
     env = prefect_env(prefect_api, state, extra={
@@ -77,6 +78,7 @@ def service(prefect_api: str, tiny_model_cache: Path, tmp_path_factory: pytest.T
         "I2VFLOW_S3_REGION": s3_server.region,
         "I2VFLOW_S3_ACCESS_KEY": s3_server.access_key,
         "I2VFLOW_S3_SECRET_KEY": s3_server.secret_key,
+        "I2VFLOW_GPU_WORKER_METRICS_PORT": str(free_port()),  # scraped in tests
     })
     supervisor = Supervisor(env=env, log_dir=state / "logs")
     apply_deployments(env, "i2vflow", gpu_limit=1)
