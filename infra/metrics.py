@@ -187,7 +187,7 @@ class OutcomePoller:
         since = max(self.started, self._cursor - timedelta(seconds=self.lookback))
         page = client.read_events(EventFilter(
             occurred=EventOccurredFilter(since=since, until=datetime.now(UTC) + timedelta(minutes=5)),
-            event=EventNameFilter(name=list(self.EVENTS)), order=EventOrder.ASC), limit=200)
+            event=EventNameFilter(name=list(self.EVENTS)), order=EventOrder.ASC), limit=50)  # the API allows 50 a page
         while True:
             for event in page.events:
                 key = str(event.id)
