@@ -32,7 +32,7 @@ class JobTicket(BaseModel):
     defaults_keys: tuple[str, ...] = ()
     image_sha256: str | None = None
     spec_sha256: str | None = None
-    image_ref_error: str | None = None  # why a spec's "image" reference was refused
+    image_ref_error: str | None = None  # why the inputs were refused unread (unsafe reference, link or name)
 
     @property
     def short_id(self) -> str:

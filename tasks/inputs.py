@@ -49,8 +49,9 @@ class InputChangedError(RuntimeError):
 
 
 def _unsafe_reference(ticket: JobTicket) -> BadInputError:
-    item = FieldProblem(field="image", problem=f"{ticket.spec_key}: {ticket.image_ref_error}",
-                        fix="name an image in the same folder or below, e.g. \"image\": \"shoe.png\"")
+    item = FieldProblem(field="image", problem=f"{ticket.spec_key or ticket.image_key}: {ticket.image_ref_error}",
+                        fix="use regular files inside the inbox with printable names; a JSON's \"image\" "
+                        "names a file in the same folder or below, e.g. \"image\": \"shoe.png\"")
     return BadInputError(ErrorReport(error="unsafe_path", message=item.problem, problems=[item]))
 
 
@@ -62,7 +63,7 @@ def load_inputs(ticket: JobTicket, overrides: dict[str, Any] | None = None) -> P
     ``overrides`` (campaigns) replace spec fields after validation; ``{prompt}`` is the original."""
     settings = get_settings()
     inbox = open_store(ticket.inbox, settings)
-    if ticket.image_key is None:
+    if ticket.image_ref_error or ticket.image_key is None:
         raise _unsafe_reference(ticket)
     layers = [(key, _read(inbox, key, settings.max_spec_bytes, "spec")) for key in ticket.defaults_keys]
     spec_raw = _read(inbox, ticket.spec_key, settings.max_spec_bytes, "spec") if ticket.spec_key else None

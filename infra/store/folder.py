@@ -75,8 +75,10 @@ class FolderStore:
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         """Every regular file whose key starts with ``prefix``, hidden and temp names included.
 
-        Symlinks are not followed (neither to dirs nor files): a link could point anywhere, and
-        listing must never walk out of the root or loop. Files that vanish mid-walk are skipped.
+        Symlinked folders are not walked: a link could point anywhere, and listing must never
+        walk out of the root or loop. Symlinked files are listed with the link's own size and
+        time; reading one that points outside the root raises UnsafeKeyError. Files that
+        vanish mid-walk are skipped.
         """
         check_key(prefix, prefix=True)
         base_key = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
@@ -99,7 +101,9 @@ class FolderStore:
             try:
                 if entry.is_dir(follow_symlinks=False):
                     yield from self._walk(Path(entry.path), key + "/")
-                elif entry.is_file(follow_symlinks=False):
+                elif entry.is_file(follow_symlinks=False) or (entry.is_symlink() and not entry.is_dir()):
+                    # File symlinks are listed (never followed here) so that one pointing out of
+                    # the root becomes a refused job with an error report, not a silent gap.
                     st = entry.stat(follow_symlinks=False)
                     yield ObjectInfo(key=key, size=st.st_size, version=str(st.st_mtime_ns))
             except FileNotFoundError:

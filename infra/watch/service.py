@@ -22,7 +22,7 @@ from infra import metrics
 from infra.jobs import JobTicket, is_ignored, make_job_id, resolve_reference
 from infra.ledger import Ledger
 from infra.settings import Settings
-from infra.store.base import ObjectInfo, Store
+from infra.store.base import ObjectInfo, Store, StoreError, UnsafeKeyError
 from infra.watch.scanner import Candidate, Settler, pair
 
 log = structlog.get_logger("i2vflow.watcher")
@@ -71,7 +71,7 @@ class Watcher:
         settled_for = {key: self.settler.settled_for(key) for key in settled}
         grace = max(self.settings.settle_seconds * 2, 1.0)
         for candidate in pair(settled, self.settler.unsettled(), settled_for, grace):
-            ticket = self._ticket(candidate, settled)
+            ticket = self._safe_ticket(candidate, settled)
             if ticket is not None and self.ledger.record_detected(ticket):
                 report.new_jobs += 1
                 log.info("job.detected", job_id=ticket.job_id, input_key=ticket.stem,
@@ -80,6 +80,28 @@ class Watcher:
         self._submit_pending(report)
         metrics.observe_scan(report, self.ledger.counts)
         return report
+
+    def _safe_ticket(self, candidate: Candidate, settled: dict[str, ObjectInfo]) -> JobTicket | None:
+        """A ticket, a refused ticket (unsafe name or link), or None; one bad file never
+        stops the scan of the others."""
+        if any(ord(c) < 32 or ord(c) == 127 for c in candidate.stem):
+            return self._refused(candidate, "the name contains control characters; rename the files")
+        try:
+            return self._ticket(candidate, settled)
+        except UnsafeKeyError as exc:
+            return self._refused(candidate, f"{exc}; drop a regular file instead of a link out of the inbox")
+        except (FileNotFoundError, StoreError) as exc:
+            log.info("candidate.skipped", input_key=candidate.stem, reason=repr(exc)[:300])
+            return None
+
+    def _refused(self, candidate: Candidate, why: str) -> JobTicket:
+        versions = [f"{o.key}:{o.size}:{o.version}" for o in candidate.objects]
+        return JobTicket(
+            job_id=make_job_id(candidate.stem, None, None, [("refused", "|".join(versions))]),
+            stem=candidate.stem, inbox=self.inbox_location, outbox=self.outbox_location,
+            image_key=candidate.image_key, spec_key=candidate.spec_key,
+            defaults_keys=candidate.defaults_keys, image_ref_error=why,
+        )
 
     def _ticket(self, candidate: Candidate, settled: dict[str, ObjectInfo]) -> JobTicket | None:
         """Hash the candidate's files into a ticket; None while a referenced image is absent."""
