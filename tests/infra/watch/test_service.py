@@ -100,3 +100,41 @@ def test_server_down_loses_nothing_and_restart_does_not_resubmit(make_watcher, t
     make_watcher(inbox, again, state=tmp_path / "st")  # a restart on the same ledger
     time.sleep(2)
     assert again.calls == []
+
+
+def test_a_webhook_flood_does_not_stop_scanning(make_watcher, tmp_path: Path) -> None:
+    """2,000 bounded requests on loopback (bad tokens, oversized and junk bodies) while jobs arrive."""
+    import urllib.error
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    from infra.watch.webhook import WebhookServer
+
+    inbox, recorder = tmp_path / "in", Recorder()
+    watcher = make_watcher(inbox, recorder)
+    hook = WebhookServer(watcher.wake, "flood-token", max_body=10_000).start()
+    bodies = [(b"{}", "Bearer wrong"), (b"x" * 20_000, "Bearer flood-token"), (b"{junk", "Bearer flood-token"),
+              (b'{"Records": []}', "")]
+
+    def hit(index: int) -> int:
+        body, auth = bodies[index % len(bodies)]
+        request = urllib.request.Request(hook.url, data=body, method="POST", headers={"Authorization": auth})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+        except OSError:
+            return 0
+
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            flood = pool.map(hit, range(2000))
+            for index in range(5):
+                drop(inbox, f"during-flood-{index}", {"prompt": "p"}, png_bytes(color=(index, 9, 9)))
+            statuses = list(flood)
+        wait_for(lambda: len(recorder.calls) == 5, timeout=30, what="5 jobs submitted during the flood")
+    finally:
+        hook.stop()
+    assert statuses.count(401) >= 900, "bad and missing tokens are refused"
+    assert {401, 413, 400} <= set(statuses), sorted(set(statuses))

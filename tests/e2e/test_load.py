@@ -1,0 +1,53 @@
+"""A flood of drops at once: every job exactly one flow run, none twice, even with a second
+watcher and a restart. (Small version of benchmarks/bench_load.py.)
+
+The runs go to a deployment on a work pool with no worker, so the test measures the watcher
+and the server, not 60 renders on a 2-core CI machine; rendering is covered elsewhere.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from infra.service import PROJECT_ROOT
+from tests.helpers import drop, flow_runs_named, png_bytes, wait_for
+
+JOBS = 60
+
+
+@pytest.fixture(scope="module")
+def idle_deployment(service) -> str:
+    """generate-video deployed again as `load-test` on a pool that no worker serves."""
+    def prefect(*args: str) -> None:
+        subprocess.run([sys.executable, "-m", "prefect", *args], env=service.env, cwd=PROJECT_ROOT,
+                       check=True, capture_output=True, timeout=180)
+
+    prefect("work-pool", "create", "i2vflow-idle", "--type", "process")
+    prefect("--no-prompt", "deploy", "flows.generate.generate_video", "--name", "load-test", "--pool", "i2vflow-idle")
+    return "generate-video/load-test"
+
+
+def test_a_flood_of_drops_gives_exactly_one_run_per_job(start_watcher, idle_deployment: str, tmp_path: Path) -> None:
+    inbox, outbox, state = tmp_path / "inbox", tmp_path / "outbox", tmp_path / "state"
+    first = start_watcher(inbox, outbox, state, deployment=idle_deployment)
+    start_watcher(inbox, outbox, tmp_path / "second-state", deployment=idle_deployment)  # another ledger
+    image = png_bytes()
+    for index in range(JOBS):
+        drop(inbox, f"flood/{index:03d}", {"prompt": f"item {index}"}, image)
+    last_drop = time.monotonic()
+    wait_for(lambda: first.watcher.ledger.counts().get("submitted") == JOBS, timeout=240,
+             what=f"{JOBS} runs created")
+    print(f"{JOBS} jobs: last drop -> last run created {time.monotonic() - last_drop:.1f} s")
+    records = first.watcher.ledger.in_state("submitted")
+    first.stop()
+    start_watcher(inbox, outbox, state, deployment=idle_deployment)  # restart on the same ledger
+    time.sleep(4)
+    names = [f"{index:03d}-{r.ticket.job_id[:6]}" for index, r in
+             sorted((int(r.ticket.stem.rsplit("/", 1)[1]), r) for r in records)]
+    runs = flow_runs_named(names)
+    assert len(names) == JOBS and sorted(r.name for r in runs) == sorted(names), "one run per job, none twice"
