@@ -14,6 +14,7 @@ from typing import Any
 import structlog
 from prefect import flow, runtime, tags
 from prefect.states import Cancelled, Completed, Failed, State
+from prefect.utilities.urls import url_for
 
 from infra.jobs import JobTicket
 from infra.logging import configure_logging
@@ -109,7 +110,9 @@ def _sidecar(ticket: JobTicket, job: PreparedJob, rendered: RenderedFrames, vide
                             "render_on_model": engine["render_seconds"]},
         "engine": {k: engine[k] for k in ("device", "dtype", "memory_mode", "pid",
                                           "model_loads_in_process", "oom_fallback_used")},
-        "prefect": {"flow_run_id": runtime.flow_run.id, "flow_run_url": runtime.flow_run.ui_url},
+        # url_for gives the UI's current /runs/flow-run/<id> path (runtime.flow_run.ui_url is stale).
+        "prefect": {"flow_run_id": runtime.flow_run.id,
+                    "flow_run_url": url_for("flow-run", obj_id=runtime.flow_run.id)},
     }
 
 

@@ -46,7 +46,7 @@ def test_drop_gives_video_and_sidecar(start_watcher, tmp_path: Path) -> None:
     runs = flow_runs_named([f"shoe-{sidecar['job_id'][:6]}"])
     assert len(runs) == 1 and str(runs[0].id) == sidecar["prefect"]["flow_run_id"]
     assert {"source:folder", "model:tiny"} <= set(runs[0].tags)
-    assert sidecar["prefect"]["flow_run_url"].endswith(sidecar["prefect"]["flow_run_id"])
+    assert sidecar["prefect"]["flow_run_url"].endswith(f"/runs/flow-run/{sidecar['prefect']['flow_run_id']}")
     events = _structlog_events_in_prefect(sidecar["prefect"]["flow_run_id"])
     assert {"job.done", "render.done", "video.published"} <= set(events), events
 
