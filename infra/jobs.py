@@ -47,10 +47,11 @@ class JobTicket(BaseModel):
         return f"{self.stem}{suffix}"
 
 
-def make_job_id(stem: str, image_sha256: str | None, spec_sha256: str | None,
+def make_job_id(route: str, stem: str, image_sha256: str | None, spec_sha256: str | None,
                 defaults: list[tuple[str, str]]) -> str:
-    """Content identity: same name, same bytes, same defaults -> same job."""
-    payload = json.dumps([stem, image_sha256, spec_sha256, defaults], separators=(",", ":"))
+    """Content identity: same inbox and outbox (``route``), same name, same bytes, same defaults
+    -> same job. The route matters: the same file dropped into two inboxes is two jobs."""
+    payload = json.dumps([route, stem, image_sha256, spec_sha256, defaults], separators=(",", ":"))
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 

@@ -53,6 +53,7 @@ class Watcher:
         self.submit = submit
         self.notify = notify
         self.source_kind = source_kind
+        self.route = f"{inbox_location} -> {outbox_location}"
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self.settler = Settler(settings.settle_seconds)
         self.wake = threading.Event()
@@ -97,7 +98,7 @@ class Watcher:
     def _refused(self, candidate: Candidate, why: str) -> JobTicket:
         versions = [f"{o.key}:{o.size}:{o.version}" for o in candidate.objects]
         return JobTicket(
-            job_id=make_job_id(candidate.stem, None, None, [("refused", "|".join(versions))]),
+            job_id=make_job_id(self.route, candidate.stem, None, None, [("refused", "|".join(versions))]),
             stem=candidate.stem, inbox=self.inbox_location, outbox=self.outbox_location,
             image_key=candidate.image_key, spec_key=candidate.spec_key,
             defaults_keys=candidate.defaults_keys, image_ref_error=why,
@@ -121,7 +122,7 @@ class Watcher:
         spec_sha = hashlib.sha256(spec_raw).hexdigest() if spec_raw is not None else None
         defaults = [(key, self._hash(settled[key])) for key in candidate.defaults_keys]
         ticket = JobTicket(
-            job_id=make_job_id(candidate.stem, image_sha, spec_sha, defaults),
+            job_id=make_job_id(self.route, candidate.stem, image_sha, spec_sha, defaults),
             stem=candidate.stem, inbox=self.inbox_location, outbox=self.outbox_location,
             image_key=image_key, spec_key=candidate.spec_key,
             defaults_keys=candidate.defaults_keys, image_sha256=image_sha,

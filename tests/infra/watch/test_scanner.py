@@ -68,10 +68,12 @@ def test_keys_and_references() -> None:
     assert resolve_reference("s.json", "sub/./p.png") == "sub/p.png"
 
 
-def test_job_id_depends_on_name_and_every_content_hash() -> None:
-    base = make_job_id("shoe", "img", "spec", [("_defaults.json", "d")])
-    assert base == make_job_id("shoe", "img", "spec", [("_defaults.json", "d")])
-    assert len({base, make_job_id("boot", "img", "spec", [("_defaults.json", "d")]),
-                make_job_id("shoe", "img2", "spec", [("_defaults.json", "d")]),
-                make_job_id("shoe", "img", "spec2", [("_defaults.json", "d")]),
-                make_job_id("shoe", "img", "spec", [("_defaults.json", "d2")])}) == 5
+def test_job_id_depends_on_route_name_and_every_content_hash() -> None:
+    route, defaults = "/in -> /out", [("_defaults.json", "d")]
+    base = make_job_id(route, "shoe", "img", "spec", defaults)
+    assert base == make_job_id(route, "shoe", "img", "spec", list(defaults))
+    assert len({base, make_job_id(route, "boot", "img", "spec", defaults),
+                make_job_id(route, "shoe", "img2", "spec", defaults),
+                make_job_id(route, "shoe", "img", "spec2", defaults),
+                make_job_id(route, "shoe", "img", "spec", [("_defaults.json", "d2")]),
+                make_job_id("s3://b/in -> s3://b/out", "shoe", "img", "spec", defaults)}) == 6
