@@ -34,11 +34,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from infra.jobs import JobTicket, defaults_chain, is_ignored, resolve_reference
 from infra.spec import (
     BadInputError,
-    ErrorReport,
     FieldProblem,
     JobSpec,
     parse_json_object,
     problems_from_validation,
+    validate_merged,
 )
 from infra.store.base import ObjectInfo, Store
 from infra.watch.scanner import pair
@@ -409,22 +409,7 @@ def apply_overrides(spec: JobSpec, overrides: dict[str, Any], source: str) -> Jo
         merged.pop("width", None)
         merged.pop("height", None)
     merged.update(values)
-    try:
-        result = JobSpec.model_validate(merged)
-        result.check_size_fields()
-    except ValidationError as exc:
-        problems = problems_from_validation(exc, source)
-        raise BadInputError(
-            ErrorReport(error="invalid_spec", message=problems[0].problem, problems=problems)
-        ) from None
-    except ValueError as exc:
-        problem = FieldProblem(
-            field="width/height/resolution", problem=f"{source}: {exc}", fix="fix the campaign"
-        )
-        raise BadInputError(
-            ErrorReport(error="invalid_spec", message=problem.problem, problems=[problem])
-        ) from None
-    return result
+    return validate_merged(merged, source, size_fix="fix the campaign")
 
 
 # -- survey (reads the stores) and plan (pure) ------------------------------------------------------

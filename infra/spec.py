@@ -195,7 +195,12 @@ def resolve_spec(layers: Sequence[tuple[str, bytes]]) -> JobSpec:
         merged.update({k: v for k, v in data.items() if k in JobSpec.model_fields})
     if problems:
         raise BadInputError(ErrorReport(error="invalid_spec", message=problems[0].problem, problems=problems))
-    source = layers[-1][0] if layers else "spec"
+    return validate_merged(merged, layers[-1][0] if layers else "spec")
+
+
+def validate_merged(merged: dict[str, Any], source: str,
+                    size_fix: str = 'e.g. "resolution": "512p" or "width": 768, "height": 512') -> JobSpec:
+    """Validate merged spec fields, or raise BadInputError naming ``source`` and the field."""
     try:
         spec = JobSpec.model_validate(merged)
         spec.check_size_fields()
@@ -205,8 +210,7 @@ def resolve_spec(layers: Sequence[tuple[str, bytes]]) -> JobSpec:
             ErrorReport(error="invalid_spec", message=problems[0].problem, problems=problems)
         ) from None
     except ValueError as exc:
-        problem = FieldProblem(field="width/height/resolution", problem=f"{source}: {exc}",
-                               fix='e.g. "resolution": "512p" or "width": 768, "height": 512')
+        problem = FieldProblem(field="width/height/resolution", problem=f"{source}: {exc}", fix=size_fix)
         raise BadInputError(ErrorReport(error="invalid_spec", message=problem.problem,
                                         problems=[problem])) from None
     return spec
