@@ -97,9 +97,11 @@ class Watcher:
 
     def _refused(self, candidate: Candidate, why: str) -> JobTicket:
         versions = [f"{o.key}:{o.size}:{o.version}" for o in candidate.objects]
+        printable = "".join(c for c in candidate.stem if ord(c) >= 32 and ord(c) != 127) or "unnamed"
         return JobTicket(
             job_id=make_job_id(self.route, candidate.stem, None, None, [("refused", "|".join(versions))]),
-            stem=candidate.stem, inbox=self.inbox_location, outbox=self.outbox_location,
+            # The error report's name: control characters neither travel through Prefect nor display.
+            stem=printable, inbox=self.inbox_location, outbox=self.outbox_location,
             image_key=candidate.image_key, spec_key=candidate.spec_key,
             defaults_keys=candidate.defaults_keys, image_ref_error=why,
         )

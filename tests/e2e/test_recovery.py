@@ -25,6 +25,20 @@ def _ledger_states(state_dir: Path) -> dict[str, str]:
         return dict(db.execute("SELECT stem, state FROM jobs").fetchall())
 
 
+def _rendering(run_name_prefix: str) -> set[str]:
+    """Render task runs a GPU worker's heartbeat claims, Running, for flow runs named so."""
+    from prefect import get_client
+
+    found = set()
+    with get_client(sync_client=True) as client:
+        for task_run_id in claimed_task_runs(stale_after=10):
+            task_run = client.read_task_run(task_run_id)
+            running = bool(task_run.state and task_run.state.is_running() and task_run.flow_run_id)
+            if running and client.read_flow_run(task_run.flow_run_id).name.startswith(run_name_prefix):
+                found.add(task_run_id)
+    return found
+
+
 def _watcher_process(env: dict[str, str], inbox: Path, outbox: Path, state: Path, log: Path) -> subprocess.Popen:
     env = {**env, "I2VFLOW_INBOX": str(inbox), "I2VFLOW_OUTBOX": str(outbox), "I2VFLOW_STATE_DIR": str(state),
            "I2VFLOW_RESCAN_SECONDS": "1", "I2VFLOW_SETTLE_SECONDS": "0.3", "I2VFLOW_SUBMIT_LEASE_SECONDS": "3"}
@@ -38,8 +52,8 @@ def test_gpu_worker_killed_mid_render_is_resubmitted_and_finishes(service, start
     drop(inbox, "long", slow, png_bytes())
     start_watcher(inbox, outbox)
     old_pid = service.supervisor.children["gpu-worker"].pid
-    orphan = wait_for(lambda: claimed_task_runs(stale_after=10), timeout=120, interval=0.5,
-                      what="the GPU worker to start rendering")
+    orphan = wait_for(lambda: _rendering("long-"), timeout=120, interval=0.5,
+                      what="the GPU worker to start rendering this job")
     service.supervisor.stop("gpu-worker", sig=signal.SIGKILL)
     killed_at = time.monotonic()
     service.restart_gpu_worker()
