@@ -1,6 +1,6 @@
 """The watcher's line to the Prefect server: create flow runs and emit events.
 
-Why run_deployment with an idempotency key (and not an event trigger): the watcher needs the
+Why creating runs of the deployment with an idempotency key (and not an event trigger): the watcher needs the
 flow-run id back to record it in the ledger, it must fail loudly when the deployment is
 missing, and the idempotency key (the job id) makes a second submission of the same job,
 from a restarted or a second watcher, return the existing run instead of creating another.
@@ -9,26 +9,54 @@ Events are still emitted, so automations can react to jobs and videos.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 from uuid import UUID
 
-from prefect.deployments import run_deployment
 from prefect.events import emit_event
 
 from infra.jobs import JobTicket
 
 
-def submit_job(ticket: JobTicket, deployment: str, source_kind: str, model: str) -> str:
-    """Create (or find) the generate-video flow run of this job; return its id."""
-    flow_run = run_deployment(
-        name=deployment,
-        parameters={"ticket": ticket.model_dump(mode="json")},
-        timeout=0,
-        idempotency_key=ticket.job_id,
-        flow_run_name=ticket.run_name,
-        tags=[f"source:{source_kind}", f"model:{model}"],
-    )
-    return str(flow_run.id)
+class RunSubmitter:
+    """Creates runs of one deployment over one kept-open API client.
+
+    Same call as ``run_deployment(..., timeout=0, idempotency_key=...)``, which opens a client and
+    reads the deployment on every call; a watcher facing a flood submits many runs a second. On
+    any error the client is dropped, so a restarted server or a re-created deployment is found
+    again on the next call.
+    """
+
+    def __init__(self, deployment: str) -> None:
+        self.deployment = deployment
+        self._client: Any = None
+        self._deployment_id: UUID | None = None
+
+    def submit(self, ticket: JobTicket, source_kind: str, model: str) -> str:
+        """Create (or, for a known job id, find) the job's flow run; return its id."""
+        try:
+            if self._client is None:
+                from prefect import get_client
+
+                self._client = get_client(sync_client=True).__enter__()
+                self._deployment_id = self._client.read_deployment_by_name(self.deployment).id
+            flow_run = self._client.create_flow_run_from_deployment(
+                self._deployment_id,
+                parameters={"ticket": ticket.model_dump(mode="json")},
+                name=ticket.run_name,
+                tags=[f"source:{source_kind}", f"model:{model}"],
+                idempotency_key=ticket.job_id,
+            )
+        except Exception:
+            self.close()
+            raise
+        return str(flow_run.id)
+
+    def close(self) -> None:
+        if self._client is not None:
+            client, self._client, self._deployment_id = self._client, None, None
+            with contextlib.suppress(Exception):
+                client.__exit__(None, None, None)
 
 
 def emit_job_event(event: str, ticket: JobTicket, **payload: Any) -> None:

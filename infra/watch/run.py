@@ -15,7 +15,7 @@ import structlog
 from infra.jobs import JobTicket
 from infra.ledger import Ledger
 from infra.logging import configure_logging
-from infra.orchestrator import emit_job_event, read_run_states, reschedule_run, submit_job
+from infra.orchestrator import RunSubmitter, emit_job_event, read_run_states, reschedule_run
 from infra.settings import Settings, get_settings
 from infra.store import BucketStore, Store, StoreError, make_client, open_store, s3_credentials
 from infra.watch.bucket import ListenHints
@@ -40,8 +40,10 @@ def build_watcher(settings: Settings | None = None) -> tuple[Watcher, Callable[[
     ledger = Ledger(settings.ledger_path)
     kind = "bucket" if inbox_location.startswith("s3://") else "folder"
 
+    submitter = RunSubmitter(settings.deployment)
+
     def submit(ticket: JobTicket, model: str) -> str:
-        return submit_job(ticket, settings.deployment, kind, model)
+        return submitter.submit(ticket, kind, model)
 
     def notify(event: str, ticket: JobTicket) -> None:
         emit_job_event(event, ticket)
@@ -50,7 +52,7 @@ def build_watcher(settings: Settings | None = None) -> tuple[Watcher, Callable[[
     watch_settings = settings if kind == "folder" else settings.model_copy(
         update={"rescan_seconds": settings.poll_seconds})
     watcher = Watcher(watch_settings, inbox, inbox_location, outbox_location, ledger, submit, notify, kind)
-    closers: list[Callable[[], None]] = [ledger.close]
+    closers: list[Callable[[], None]] = [ledger.close, submitter.close]
     hints: list[object] = []
     if kind == "folder":
         observer = start_folder_hints(Path(inbox_location), watcher.wake)

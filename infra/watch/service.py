@@ -59,6 +59,9 @@ class Watcher:
         self.wake = threading.Event()
         self._models: dict[str, str] = {}
         self._backoff = 0.0
+        # Candidates (exact object versions) already recorded in the ledger, so a rescan of a
+        # large inbox lists and pairs but reads and hashes only what changed.
+        self._recorded: dict[tuple[ObjectInfo, ...], str] = {}
         # Set by build_watcher: compares ledger, Prefect runs and outbox (infra/watch/reconcile.py).
         self.reconcile: Callable[[], object] | None = None
         self._next_reconcile = 0.0
@@ -71,13 +74,20 @@ class Watcher:
         settled = self.settler.observe(listing)
         settled_for = {key: self.settler.settled_for(key) for key in settled}
         grace = max(self.settings.settle_seconds * 2, 1.0)
+        seen: dict[tuple[ObjectInfo, ...], str] = {}
         for candidate in pair(settled, self.settler.unsettled(), settled_for, grace):
+            if candidate.objects in self._recorded:  # unchanged since recorded: no re-reading
+                seen[candidate.objects] = self._recorded[candidate.objects]
+                continue
             ticket = self._safe_ticket(candidate, settled)
+            if ticket is not None and candidate.image_key is not None:
+                seen[candidate.objects] = ticket.job_id
             if ticket is not None and self.ledger.record_detected(ticket):
                 report.new_jobs += 1
                 log.info("job.detected", job_id=ticket.job_id, input_key=ticket.stem,
                          image_key=ticket.image_key, spec_key=ticket.spec_key)
                 self._safe_notify("job.detected", ticket)
+        self._recorded = seen  # only what is still there: memory follows the inbox
         self._submit_pending(report)
         metrics.observe_scan(report, self.ledger.counts)
         return report
