@@ -33,7 +33,7 @@ from prefect.events import emit_event
 from prefect.futures import PrefectFuture
 from prefect.states import Completed, Failed, State
 
-from flows.generate import _render_failure, _sidecar
+from flows.generate import build_sidecar, render_failure_report
 from infra.campaign import (
     CampaignSpec,
     CampaignSpecError,
@@ -265,7 +265,7 @@ def _finish(entry: _InFlight, campaign: CampaignSpec, slot: str, timeout: float)
         video = encode_video(rendered.frames, entry.job.spec.fps)
         timings["encode"] = round(time.perf_counter() - t0, 3)
         timings["total_before_publish"] = round(time.perf_counter() - entry.started, 3)
-        sidecar = _sidecar(entry.ticket, entry.job, rendered, video, timings)
+        sidecar = build_sidecar(entry.ticket, entry.job, rendered, video, timings)
         sidecar["campaign"] = {
             "name": campaign.name,
             "run_date": slot,
@@ -277,7 +277,7 @@ def _finish(entry: _InFlight, campaign: CampaignSpec, slot: str, timeout: float)
     except Exception as exc:
         log.warning("campaign.item_failed", campaign=campaign.name, item=entry.item.output_stem, error=repr(exc))
         try:
-            write_error_report(entry.ticket, _render_failure(exc))
+            write_error_report(entry.ticket, render_failure_report(exc))
         except Exception as report_exc:  # the row still says what happened
             log.warning("campaign.error_report_failed", error=repr(report_exc))
         return _row(entry.item, "failed", entry.started, error=f"{type(exc).__name__}: {exc}"[:500])

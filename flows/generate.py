@@ -45,13 +45,13 @@ def generate_video(ticket: JobTicket) -> State:
         log.info("job.superseded", reason=str(exc))
         return Cancelled(message=str(exc))
     except RenderFailed as exc:
-        write_error_report(ticket, _render_failure(exc))
+        write_error_report(ticket, render_failure_report(exc))
         return Failed(message=f"render failed: {exc}")
     # Anything else (store or server unreachable, a GPU worker lost repeatedly) is the
     # operator's problem, not the user's: the run fails loudly and the reconciler retries it.
     video = _timed(timings, "encode", encode_video, rendered.frames, job.spec.fps)
     timings["total_before_publish"] = round(time.perf_counter() - started, 3)
-    sidecar = publish_video(ticket, video, _sidecar(ticket, job, rendered, video, timings))
+    sidecar = publish_video(ticket, video, build_sidecar(ticket, job, rendered, video, timings))
     log.info("job.done", video_key=sidecar["video"]["key"], seconds=timings)
     return Completed(message=f"video {sidecar['video']['url']}", data=sidecar)
 
@@ -77,14 +77,14 @@ def _timed(timings: dict[str, float], name: str, fn: Any, *args: Any, **kwargs: 
         timings[name] = round(time.perf_counter() - start, 3)
 
 
-def _render_failure(exc: RenderFailed) -> ErrorReport:
+def render_failure_report(exc: RenderFailed) -> ErrorReport:
     problem = FieldProblem(field=None, problem=f"rendering failed: {type(exc).__name__}: {exc}"[:2000],
                            fix="smaller width/height or num_frames help with out-of-memory errors; "
                            "otherwise ask the operator (the run's logs in the Prefect UI say more)")
     return ErrorReport(error="render_failed", message=problem.problem, problems=[problem])
 
 
-def _sidecar(ticket: JobTicket, job: PreparedJob, rendered: RenderedFrames, video: Any,
+def build_sidecar(ticket: JobTicket, job: PreparedJob, rendered: RenderedFrames, video: Any,
              timings: dict[str, float]) -> dict[str, Any]:
     from infra.engine.registry import NOISE_WARNING
 

@@ -64,7 +64,7 @@ def build_watcher(settings: Settings | None = None) -> tuple[Watcher, Callable[[
             closers.insert(0, stop)
             hints.append(source)
     watcher.reconcile = lambda: _reconcile(ledger, outbox, settings.max_reschedules)
-    watcher.hint_sources = hints  # type: ignore[attr-defined]  # for tests and `doctor`
+    watcher.hint_sources = hints
     structlog.get_logger("i2vflow.watcher").info(
         "watcher.started", inbox=inbox.describe(), outbox=outbox_location, source=kind,
         model=settings.model, rescan_seconds=watch_settings.rescan_seconds)

@@ -64,6 +64,7 @@ class Watcher:
         self._recorded: dict[tuple[ObjectInfo, ...], str] = {}
         # Set by build_watcher: compares ledger, Prefect runs and outbox (infra/watch/reconcile.py).
         self.reconcile: Callable[[], object] | None = None
+        self.hint_sources: list[object] = []  # what wakes this watcher early (for tests and doctor)
         self._next_reconcile = 0.0
 
     def scan_once(self) -> ScanReport:
@@ -231,13 +232,3 @@ def _peek(raw: bytes | None) -> dict[str, object]:
     except (ValueError, RecursionError):
         return {}
     return data if isinstance(data, dict) else {}
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.2) -> bool:
-    """Poll ``predicate`` until true or ``timeout``; used by the CLI's start-up checks."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
