@@ -37,7 +37,7 @@ def up(port: int = typer.Option(4200, help="Port of the local Prefect server."))
     prefect_home = os.environ.setdefault("PREFECT_HOME", str((settings.state_dir / "prefect").resolve()))
     sup = service.Supervisor(env={}, log_dir=settings.state_dir / "logs")
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    _stop_on_signals(stop)
     try:
         api_url = os.environ.get("PREFECT_API_URL") or ""
         if not api_url:
@@ -63,6 +63,13 @@ def up(port: int = typer.Option(4200, help="Port of the local Prefect server."))
         sup.stop()
 
 
+def _stop_on_signals(stop: threading.Event) -> None:
+    """SIGTERM stops cleanly; Ctrl-C raises KeyboardInterrupt even where the shell started us
+    with SIGINT ignored (a background job of a script), so children are never orphaned."""
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def _where(location: str) -> str:
     return location if location.startswith("s3://") else str(Path(location).resolve())
 
@@ -71,7 +78,7 @@ def _where(location: str) -> str:
 def watch() -> None:
     """Run the watcher: list the inbox, create one flow run per job, until Ctrl-C."""
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    _stop_on_signals(stop)
     try:
         _watch(stop)
     except KeyboardInterrupt:
