@@ -7,6 +7,8 @@ its own restart) picks up later; the Prefect idempotency key (the job id) then r
 that may already exist instead of creating a second one.
 
 States: detected -> submitting (claimed, leased) -> submitted (flow run id) -> done | failed.
+It also keeps the ids of outcome events already counted in metrics (``counted_events``), so
+watchers sharing the ledger count each video and failure once (infra/metrics.py).
 """
 
 from __future__ import annotations
@@ -43,6 +45,11 @@ CREATE TABLE IF NOT EXISTS object_hashes (
     version  TEXT NOT NULL,
     sha256   TEXT NOT NULL,
     PRIMARY KEY (location, key)
+);
+CREATE INDEX IF NOT EXISTS jobs_flow_run ON jobs(flow_run_id);
+CREATE TABLE IF NOT EXISTS counted_events (
+    event_id   TEXT PRIMARY KEY,
+    counted_at REAL NOT NULL
 );
 """
 
@@ -177,6 +184,22 @@ class Ledger:
         """Unix time the job was first recorded (the start of its end-to-end latency)."""
         rows = self._query("SELECT created_at FROM jobs WHERE job_id=?", (job_id,))
         return float(rows[0][0]) if rows else None  # type: ignore[arg-type]
+
+    def job_of_run(self, flow_run_id: str) -> JobTicket | None:
+        """The job a flow run was created for (a crash event names only the run)."""
+        rows = self._query("SELECT ticket FROM jobs WHERE flow_run_id=?", (flow_run_id,))
+        return JobTicket.model_validate_json(str(rows[0][0])) if rows else None
+
+    def claim_event(self, event_id: str) -> bool:
+        """True for the first caller only: the watchers sharing this ledger count each outcome once."""
+        with self._write() as db:
+            return db.execute("INSERT OR IGNORE INTO counted_events VALUES (?, ?)",
+                              (event_id, time.time())).rowcount == 1
+
+    def forget_events(self, older_than: float) -> None:
+        """Drop claims no poller can meet again (they only read back a few minutes)."""
+        with self._write() as db:
+            db.execute("DELETE FROM counted_events WHERE counted_at < ?", (older_than,))
 
     def cached_hash(self, location: str, key: str, size: int, version: str) -> str | None:
         """The sha256 of an object version hashed before (saves re-reading on rescans)."""

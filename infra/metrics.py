@@ -22,13 +22,16 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from infra.ledger import Ledger
 
 try:  # no `_created` series: they double the series count and no dashboard here uses them
     from prometheus_client import disable_created_metrics
@@ -47,16 +50,38 @@ JOBS_DETECTED = Counter("i2vflow_jobs_detected_total", "New jobs recorded in the
                         "new content).")
 RUNS_CREATED = Counter("i2vflow_runs_created_total", "Flow runs created (or found by idempotency key) for jobs.")
 SUBMIT_ERRORS = Counter("i2vflow_submit_errors_total", "Failed attempts to create a flow run (the job is kept).")
-VIDEOS_PUBLISHED = Counter("i2vflow_videos_published_total", "Videos published to the outbox (from Prefect events).")
-FAILURES = Counter("i2vflow_failures_total", "Jobs that ended without a video, by reason (error file code or "
-                   "'crashed').", ["reason"])
 QUEUE_DEPTH = Gauge("i2vflow_queue_depth", "Jobs waiting, by state: ledger detected/submitting; Prefect "
                     "scheduled/pending/running flow runs of the deployment.", ["state"])
 LEDGER_JOBS = Gauge("i2vflow_ledger_jobs", "Jobs in the ledger, by state (all time).", ["state"])
 LAST_SCAN = Gauge("i2vflow_last_scan_timestamp_seconds", "Unix time of the watcher's last completed scan.")
-END_TO_END = Histogram("i2vflow_end_to_end_seconds", "Job detected (ledger) to video published (event).",
-                       buckets=LATENCY_BUCKETS)
-POLL_ERRORS = Counter("i2vflow_outcome_poll_errors_total", "Failed reads of run outcomes from the Prefect server.")
+
+
+@dataclass(frozen=True)
+class OutcomeSeries:
+    """The outcome poller's series. A process has one set, on the default registry; a test gives
+    each of two pollers its own registry, as two watcher processes would have."""
+
+    videos: Counter
+    failures: Counter
+    end_to_end: Histogram
+    poll_errors: Counter
+
+
+def outcome_series(registry: CollectorRegistry = REGISTRY) -> OutcomeSeries:
+    return OutcomeSeries(
+        Counter("i2vflow_videos_published_total", "Videos published to the outbox (from Prefect events).",
+                registry=registry),
+        Counter("i2vflow_failures_total", "Jobs that ended without a video, by reason (error file code or "
+                "'crashed').", ["reason"], registry=registry),
+        Histogram("i2vflow_end_to_end_seconds", "Job detected (ledger) to video published (event).",
+                  buckets=LATENCY_BUCKETS, registry=registry),
+        Counter("i2vflow_outcome_poll_errors_total", "Failed reads of run outcomes from the Prefect server.",
+                registry=registry))
+
+
+OUTCOMES = outcome_series()
+VIDEOS_PUBLISHED, FAILURES, END_TO_END, POLL_ERRORS = (OUTCOMES.videos, OUTCOMES.failures, OUTCOMES.end_to_end,
+                                                       OUTCOMES.poll_errors)
 
 # --- GPU worker ------------------------------------------------------------------------------
 RENDER_SECONDS = Histogram("i2vflow_render_seconds", "Time on the model per render (model loading excluded).",
@@ -133,21 +158,29 @@ class OutcomePoller:
     """Reads what became of the runs (videos, failures, latency) from the Prefect server.
 
     Every ``interval`` seconds: events ``i2vflow.video.published`` and ``i2vflow.job.failed``
-    about this watcher's inbox, and ``prefect.flow-run.Crashed`` of the deployment, since the
-    poller started. Events are persisted asynchronously, so each read looks back
-    ``lookback`` seconds and skips event ids already counted. Also sets the Prefect part of
-    ``i2vflow_queue_depth``.
+    about this watcher's inbox, and ``prefect.flow-run.Crashed`` of runs this ledger submitted
+    for it, since the poller started. Events are persisted asynchronously, so each read looks
+    back ``lookback`` seconds and skips event ids already counted. Also sets the Prefect part
+    of ``i2vflow_queue_depth``.
+
+    Exactly one count per outcome: every watcher on the inbox sees every event, so an event is
+    counted only by the poller that first claims its id in the shared ledger. Not "the watcher
+    that submitted the job": that one may have restarted (new owner id) or died since, and the
+    outcome would be counted by nobody; the first claim is made by whichever watcher is alive.
     """
 
     EVENTS = ("i2vflow.video.published", "i2vflow.job.failed", "prefect.flow-run.Crashed")
+    CLAIM_DAYS = 1.0  # claims outlive any look-back (minutes), even after a long server outage
 
-    def __init__(self, inbox_location: str, deployment: str, detected_at: Callable[[str], float | None],
-                 interval: float = 15.0, lookback: float = 120.0) -> None:
+    def __init__(self, inbox_location: str, deployment: str, ledger: Ledger | Callable[[str], float | None],
+                 interval: float = 15.0, lookback: float = 120.0, series: OutcomeSeries = OUTCOMES) -> None:
         self.inbox_location = inbox_location
         self.deployment = deployment
-        self.detected_at = detected_at
+        # infra/cli.py passes the bound ``ledger.detected_at``: the ledger behind it is the one shared.
+        self.ledger: Ledger = ledger if isinstance(ledger, Ledger) else ledger.__self__  # type: ignore[union-attr]
         self.interval = interval
         self.lookback = lookback
+        self.series = series
         self.started = datetime.now(UTC)
         self._seen: dict[str, datetime] = {}
         self._cursor = self.started
@@ -177,8 +210,9 @@ class OutcomePoller:
                 for event in self._events(client):
                     self._count(event)
                 self._queue_depth(client)
+            self.ledger.forget_events(time.time() - self.CLAIM_DAYS * 86400)
         except Exception as exc:  # the server may be down; the next poll catches up (lookback)
-            POLL_ERRORS.inc()
+            self.series.poll_errors.inc()
             log.warning("metrics.poll_failed", error=repr(exc)[:300])
 
     def _events(self, client: Any) -> Iterator[Any]:
@@ -203,22 +237,25 @@ class OutcomePoller:
         self._seen = {key: at for key, at in self._seen.items() if at >= horizon}
 
     def _count(self, event: Any) -> None:
-        name = event.event
+        name, payload = event.event, event.payload or {}
         if name == "prefect.flow-run.Crashed":
-            deployment_id = self._deployment_id
-            if deployment_id and any(r.id == f"prefect.deployment.{deployment_id}" for r in event.related):
-                FAILURES.labels(reason="crashed").inc()
-            return
-        if event.resource.get("i2vflow.inbox") != self.inbox_location:
+            # Scoped by the ledger, not the deployment: watchers of other inboxes share the deployment.
+            ticket = self.ledger.job_of_run(event.resource.id.removeprefix("prefect.flow-run."))
+            if ticket is None or ticket.inbox != self.inbox_location:
+                return
+        elif event.resource.get("i2vflow.inbox") != self.inbox_location:
             return  # another watcher's job
-        payload = event.payload or {}
-        if name == "i2vflow.job.failed":
-            FAILURES.labels(reason=_reason(payload.get("error"))).inc()
-            return
-        VIDEOS_PUBLISHED.inc()
-        detected = self.detected_at(str(payload.get("job_id", "")))
-        if detected is not None:
-            END_TO_END.observe(max(0.0, event.occurred.timestamp() - detected))
+        if not self.ledger.claim_event(str(event.id)):
+            return  # another watcher on this ledger counted it
+        if name == "prefect.flow-run.Crashed":
+            self.series.failures.labels(reason="crashed").inc()
+        elif name == "i2vflow.job.failed":
+            self.series.failures.labels(reason=_reason(payload.get("error"))).inc()
+        else:
+            self.series.videos.inc()
+            detected = self.ledger.detected_at(str(payload.get("job_id", "")))
+            if detected is not None:
+                self.series.end_to_end.observe(max(0.0, event.occurred.timestamp() - detected))
 
     def _queue_depth(self, client: Any) -> None:
         from prefect.client.schemas.filters import (

@@ -15,6 +15,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+from prefect.events import emit_event
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from infra import metrics
@@ -154,6 +156,62 @@ def test_outcome_poller_counts_real_prefect_events_once(service, tmp_path: Path)
     assert samples["i2vflow_end_to_end_seconds_count"] - count == 1
     assert metrics.QUEUE_DEPTH.labels(state="scheduled")._value.get() >= 0  # read from the real deployment
     ledger.close()
+
+
+def _scrape_registry(registry: CollectorRegistry) -> dict[str, float]:
+    """What GET /metrics of a process owning ``registry`` would answer, parsed like ``scrape``."""
+    values = {}
+    for family in text_string_to_metric_families(generate_latest(registry).decode()):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            values[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return values
+
+
+def test_two_watchers_on_one_ledger_count_each_outcome_once(service, tmp_path: Path) -> None:
+    """Two watchers on one inbox share its ledger (a connection each, as two processes have) and
+    each exports its own registry: summed over both, every video, failure, crash and latency
+    is counted exactly once, though both pollers read every event, at the same moments."""
+    inbox, path = str(tmp_path / "inbox"), tmp_path / "state" / "ledger.sqlite3"
+    ledgers = [Ledger(path), Ledger(path)]
+    registries = [CollectorRegistry(), CollectorRegistry()]
+    pollers = [metrics.OutcomePoller(inbox, "generate-video/generate-video", ledger, lookback=60,
+                                     series=metrics.outcome_series(registry))
+               for ledger, registry in zip(ledgers, registries, strict=True)]
+    jobs = [_ticket(inbox, f"job{index}") for index in range(12)]
+    for ticket in jobs:
+        ledgers[0].record_detected(ticket)
+    crashed_run = str(uuid.uuid4())
+    ledgers[1].mark_submitted(jobs[-1].job_id, crashed_run)
+    for ticket in jobs[:9]:
+        emit_job_event("video.published", ticket, video_key=f"{ticket.stem}.mp4")
+    for ticket in jobs[9:]:
+        emit_job_event("job.failed", ticket, error="invalid_spec", message="m")
+    emit_event("prefect.flow-run.Crashed", resource={"prefect.resource.id": f"prefect.flow-run.{crashed_run}"})
+    emit_event("prefect.flow-run.Crashed", resource={"prefect.resource.id": f"prefect.flow-run.{uuid.uuid4()}"})
+
+    def poll_both() -> dict[str, float]:
+        threads = [threading.Thread(target=poller.poll_once) for poller in pollers]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        scrapes = [_scrape_registry(registry) for registry in registries]
+        return {key: sum(s.get(key, 0) for s in scrapes) for key in {*scrapes[0], *scrapes[1]}}
+
+    def total() -> dict[str, float] | None:
+        sums = poll_both()
+        done = sums["i2vflow_videos_published_total"] >= 9 and sums['i2vflow_failures_total{reason="crashed"}'] >= 1
+        return sums if done and sums['i2vflow_failures_total{reason="invalid_spec"}'] >= 3 else None
+    wait_for(total, timeout=90, interval=1, what="the events to be counted")
+    sums = poll_both()  # both look at the whole window again: nothing more is counted
+    assert sums["i2vflow_videos_published_total"] == 9
+    assert sums['i2vflow_failures_total{reason="invalid_spec"}'] == 3
+    assert sums['i2vflow_failures_total{reason="crashed"}'] == 1  # the other crash is no run of this ledger
+    assert sums["i2vflow_end_to_end_seconds_count"] == 9
+    assert sums['i2vflow_end_to_end_seconds_bucket{le="+Inf"}'] == 9
+    for ledger in ledgers:
+        ledger.close()
 
 
 @pytest.mark.e2e
