@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -52,12 +52,40 @@ class Service:
     supervisor: object
     env: dict[str, str]
     state_dir: Path
+    _flow_worker_argv: list[str] = field(default_factory=list)
 
     def restart_gpu_worker(self) -> None:
         from infra.service import start_gpu_worker
 
         self.supervisor.stop("gpu-worker")  # type: ignore[attr-defined]
         start_gpu_worker(self.supervisor)  # type: ignore[arg-type]
+
+    def crash_flow_worker(self) -> list[int]:
+        """SIGKILL the process worker and every process under it, as a host crash would; returns
+        the pids of the processes it had started.
+
+        Prefect 3.9 starts each flow run in a session of its own, so a signal to the worker's
+        process group alone would leave the runs alive. Everything is frozen (SIGSTOP) first, so
+        no process sees another die and reports it, and nothing new is spawned unseen.
+        """
+        import psutil
+
+        worker = self.supervisor.children.pop("flow-worker")  # type: ignore[attr-defined]
+        self._flow_worker_argv = list(worker.args)
+        root = psutil.Process(worker.pid)
+        frozen = [root]
+        root.suspend()
+        while fresh := [p for p in root.children(recursive=True) if p not in frozen]:
+            for process in fresh:
+                process.suspend()
+            frozen += fresh
+        for process in frozen:
+            process.kill()
+        worker.wait(10)
+        return [p.pid for p in frozen[1:]]
+
+    def start_flow_worker(self) -> None:
+        self.supervisor.start("flow-worker", self._flow_worker_argv)  # type: ignore[attr-defined]
 
 
 @pytest.fixture(scope="session")
@@ -79,6 +107,8 @@ def service(prefect_api: str, tiny_model_cache: Path, tmp_path_factory: pytest.T
         "I2VFLOW_S3_ACCESS_KEY": s3_server.access_key,
         "I2VFLOW_S3_SECRET_KEY": s3_server.secret_key,
         "I2VFLOW_GPU_WORKER_METRICS_PORT": str(free_port()),  # scraped in tests
+        # A flow run silent this long is crashed by Prefect (heartbeats every 30 s; 90 s default).
+        "I2VFLOW_ZOMBIE_AFTER_SECONDS": "45",
     })
     supervisor = Supervisor(env=env, log_dir=state / "logs")
     apply_deployments(env, "i2vflow", gpu_limit=1)

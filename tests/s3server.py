@@ -5,7 +5,7 @@ which ``mock_aws`` does not intercept, and the point is to exercise the real wir
 (signing, multipart, presigned URLs, timeouts). MinIO's own server does not install from PyPI.
 
 Load it from the root conftest with ``pytest_plugins = ["tests.s3server"]`` (or, below the root,
-``from tests.s3server import s3_server, s3_bucket``). Moto keeps all buckets in this process:
+``from tests.s3server import s3_moto, s3_server, s3_bucket``). Moto keeps all buckets in this process:
 a test that calls ``moto.mock_aws`` resets them, so give each test its own bucket (``s3_bucket``).
 """
 
@@ -67,14 +67,46 @@ def start_moto() -> tuple[ThreadedMotoServer, S3Server]:
     return server, S3Server(endpoint=f"{host}:{port}")
 
 
+class RestartableMoto:
+    """A moto server that a test may really stop and start again on the same port.
+
+    ``stop`` closes the listening socket, so new connections are refused at once (as from a dead
+    host) instead of queueing; moto keeps its buckets in this process, so they survive a restart.
+    """
+
+    def __init__(self) -> None:
+        self.server: ThreadedMotoServer | None
+        self.server, self.info = start_moto()
+
+    def stop(self) -> None:
+        if self.server is None:
+            return
+        self.server.stop()
+        self.server._server.server_close()  # type: ignore[union-attr]
+        self.server = None
+
+    def start(self) -> None:
+        if self.server is not None:
+            return
+        host, port = self.info.endpoint.rsplit(":", 1)
+        self.server = ThreadedMotoServer(ip_address=host, port=int(port), verbose=False)
+        self.server.start()
+
+
 @pytest.fixture(scope="session")
-def s3_server() -> Iterator[S3Server]:
-    """A moto S3 server for the whole session, stopped at the end."""
-    server, info = start_moto()
+def s3_moto() -> Iterator[RestartableMoto]:
+    """The session's moto server itself, for tests that stop it (they must start it again)."""
+    moto = RestartableMoto()
     try:
-        yield info
+        yield moto
     finally:
-        server.stop()
+        moto.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(s3_moto: RestartableMoto) -> S3Server:
+    """Where the session's moto S3 server listens."""
+    return s3_moto.info
 
 
 @pytest.fixture

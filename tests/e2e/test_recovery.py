@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from uuid import UUID
 
 from infra.engine.video import probe_mp4
 from infra.heartbeat import claimed_task_runs
 from infra.service import PROJECT_ROOT, Supervisor, apply_deployments, prefect_env, start_prefect_server
+from infra.store.bucket import make_client
 from tests.helpers import FAST_SPEC, drop, flow_runs_named, png_bytes, wait_for
 
 
@@ -161,3 +165,139 @@ def _final_run_state(handle) -> object:
     with get_client(sync_client=True) as client:
         state = client.read_flow_run(records[0].flow_run_id).state
     return state if state and state.is_final() else None
+
+
+def _job_runs(handle) -> dict[str, str]:
+    """Input stem -> flow-run id of every job the watcher has submitted."""
+    records = handle.watcher.ledger.in_state("submitted", "done", "failed")
+    return {record.ticket.stem: record.flow_run_id for record in records if record.flow_run_id}
+
+
+def _task_runs(flow_run_id: str, name: str) -> list:
+    """Task runs of one flow run whose name starts with ``name`` (render-frames, publish-video)."""
+    from uuid import UUID
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterFlowRunId, TaskRunFilterName
+
+    with get_client(sync_client=True) as client:
+        return client.read_task_runs(task_run_filter=TaskRunFilter(
+            flow_run_id=TaskRunFilterFlowRunId(any_=[UUID(flow_run_id)]), name=TaskRunFilterName(like_=f"{name}%")))
+
+
+def test_flow_worker_killed_with_runs_in_flight_recovers_each_job_once(service, start_watcher, tmp_path: Path) -> None:
+    from prefect import get_client
+
+    from infra.orchestrator import read_run_states
+
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    stems = [f"host-{i}" for i in range(4)]
+    for index, stem in enumerate(stems):
+        drop(inbox, stem, {"prompt": stem, **FAST_SPEC}, png_bytes(color=(index * 60, 120, 1)))
+    handle = start_watcher(inbox, outbox, reconcile_seconds=2.0)
+
+    def in_flight(*states: str) -> dict[str, str]:
+        runs = _job_runs(handle)
+        found = read_run_states(list(runs.values())) if runs else {}
+        return {stem: run for stem, run in runs.items() if found.get(run, ("",))[0] in states}
+
+    # Running is set by the flow-run process itself: then there are processes to kill.
+    wait_for(lambda: len(in_flight("RUNNING")) >= 2, timeout=120, interval=0.2, what="two runs running")
+    killed = service.crash_flow_worker()
+    killed_at, killed_wall = time.monotonic(), time.time()
+    caught = in_flight("PENDING", "RUNNING")  # read after the kill: these runs lost their processes with the worker
+    assert len(caught) >= 2 and killed, (caught, killed)
+    service.start_flow_worker()
+
+    wait_for(lambda: all((outbox / f"{stem}.json").exists() for stem in stems), timeout=240,
+             what="every video after the flow worker was killed")
+    recovery_seconds = time.monotonic() - killed_at
+    wait_for(lambda: {s for s, _ in read_run_states(list(caught.values())).values()} == {"COMPLETED"},
+             timeout=60, what="the recovered runs to complete")
+    expected = {f"{stem}{suffix}" for stem in stems for suffix in (".mp4", ".json")}
+    assert {p.name for p in outbox.iterdir()} == expected
+    assert all(probe_mp4(outbox / f"{stem}.mp4").frames == FAST_SPEC["num_frames"] for stem in stems)
+    runs = _job_runs(handle)
+    names = [f"{stem}-{json.loads((outbox / f'{stem}.json').read_text())['job_id'][:6]}" for stem in stems]
+    assert sorted(run.name for run in flow_runs_named(names)) == sorted(names), "exactly one run per job"
+    crashed_after = []
+    with get_client(sync_client=True) as client:
+        for stem, run_id in caught.items():
+            history = client.read_flow_run_states(run_id)
+            crashes = [s for s in history if s.is_crashed() and (s.message or "").startswith("no heartbeat")]
+            assert crashes, f"{stem}: the zombie automation never crashed it: {[s.name for s in history]}"
+            assert runs[stem] == run_id, "the job kept its run"
+            crashed_after.append(crashes[0].timestamp.timestamp() - killed_wall)
+    print(f"flow worker killed with {len(caught)} runs in flight: crashed by the automation "
+          f"{min(crashed_after):.1f}-{max(crashed_after):.1f} s after the kill; "
+          f"all {len(stems)} videos {recovery_seconds:.1f} s after the kill")
+
+
+def test_s3_down_from_render_to_publish_fails_clearly_then_one_video(service, start_watcher, s3_moto, s3_server,
+                                                                     s3_bucket, tmp_path: Path) -> None:
+    """The outbox bucket's server is stopped while the run renders (the inputs come from a folder,
+    so publish is the run's first S3 request) and stays down until the run has failed."""
+    from infra.orchestrator import read_run_states
+
+    client, bucket = s3_bucket
+    inbox, video_key, sidecar_key = tmp_path / "inbox", "outbox/item.mp4", "outbox/item.json"
+    drop(inbox, "item", {"prompt": "p", "num_frames": 8, "steps": 20}, png_bytes())
+    handle = start_watcher(inbox, f"s3://{bucket}/outbox", reconcile_seconds=2.0, **s3_server.settings_kwargs())
+    run_id = wait_for(lambda: _job_runs(handle).get("item"), timeout=60, what="the run")
+    render = wait_for(lambda: _task_runs(run_id, "render-frames"), timeout=120, interval=0.1, what="the render")[0]
+    assert not (render.state and render.state.is_final()), "rendered before the outage: nothing to test"
+    seen: set[tuple[int, str]] = set()  # every version of the video key that was ever visible
+    watching = threading.Event()
+    looker = make_client(s3_server.endpoint, s3_server.access_key, s3_server.secret_key, retries=0)
+
+    def watch_video_key() -> None:
+        while not watching.is_set():
+            with contextlib.suppress(Exception):  # refused while the server is down
+                stat = looker.stat_object(bucket, video_key)
+                seen.add((stat.size or 0, stat.etag or ""))
+            time.sleep(0.2)
+
+    watcher_thread = threading.Thread(target=watch_video_key, daemon=True)
+    watcher_thread.start()
+    s3_moto.stop()
+    down_wall = time.time()
+    try:
+        failed = wait_for(lambda: _failed_state(run_id), timeout=240, what="the run to fail while S3 is down")
+    finally:
+        s3_moto.start()
+    up_at = time.monotonic()
+    publish = _task_runs(run_id, "publish-video")
+    assert publish and publish[0].start_time.timestamp() > down_wall, "published before the outage"
+    assert f"StoreError: s3 bucket check of s3://{bucket}/outbox/" in failed.message, failed.message
+    assert "Connection refused" in failed.message, failed.message
+
+    def sidecar() -> dict | None:
+        with contextlib.suppress(Exception):
+            return json.loads(client.get_object(bucket, sidecar_key).read())
+        return None
+
+    written = wait_for(sidecar, timeout=240, what="the video once S3 is back")
+    recovery_seconds = time.monotonic() - up_at
+    wait_for(lambda: seen, timeout=30, what="the watching thread to see the video")
+    watching.set()
+    watcher_thread.join(5)
+    final = client.stat_object(bucket, video_key)
+    assert seen == {(final.size, final.etag)}, f"another version was visible under the video key: {seen}"
+    assert written["video"]["bytes"] == final.size
+    assert sorted(o.object_name for o in client.list_objects(bucket, prefix="outbox/", recursive=True)) == [
+        sidecar_key, video_key]
+    local = tmp_path / "item.mp4"
+    client.fget_object(bucket, video_key, str(local))
+    assert probe_mp4(local).frames == 8
+    assert [run.id for run in flow_runs_named([f"item-{written['job_id'][:6]}"])] == [UUID(run_id)]
+    wait_for(lambda: read_run_states([run_id])[run_id][0] == "COMPLETED", timeout=60, what="the run to complete")
+    print(f"S3 down from render until the run failed ({failed.timestamp.timestamp() - down_wall:.1f} s); "
+          f"video {recovery_seconds:.1f} s after S3 was back")
+
+
+def _failed_state(flow_run_id: str) -> object:
+    """The run's first Failed state, from its history: the reconciler may reschedule it at once."""
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        return next((s for s in client.read_flow_run_states(flow_run_id) if s.is_failed()), None)
