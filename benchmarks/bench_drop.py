@@ -1,12 +1,18 @@
-"""Drop-to-video latency and service footprint on this machine, with the tiny model.
+"""Drop-to-video latency, orchestration overhead and GPU-worker scaling of the whole service.
 
-Why: the folder pipeline's promise is "a few seconds later, a video". This starts the same
-processes `i2vflow up` starts (a fresh Prefect server on a free port, the deployment, a flow
-worker, the GPU worker, the watcher), drops N jobs one at a time, and reports per job: drop ->
-detected, drop -> flow run created, drop -> video; the model loads counted by the GPU worker;
-and the peak RSS of the whole service (sampled every 0.2 s over all its processes).
+Why: the folder pipeline's promise is "a few seconds later, a video", and on a GPU host the
+GPU-hour is the cost: time the pipeline adds around a render, and GPUs left idle between renders,
+are waste. This starts the processes `i2vflow up` starts (a fresh Prefect server on a free port,
+the deployment, a flow worker, GPU workers each bound to one card, the watcher), then:
 
-    python -m benchmarks.bench_drop --jobs 5
+1. drops ``--jobs`` jobs one at a time: drop -> detected, -> flow run created, -> video, and the
+   orchestration overhead (drop -> video minus the render time the GPU worker reports);
+2. with ``--flood N``: drops N jobs per GPU worker at once, first with one GPU worker, then again
+   after starting the others (``--gpu-workers K``): videos per hour and the ratio K workers / 1.
+
+    python -m benchmarks.bench_drop --jobs 5                               # CPU, tiny model
+    python -m benchmarks.bench_drop --model full --size 512 --frames 16 --steps 50 \\
+        --jobs 3 --flood 6 --gpu-workers 2 --out benchmarks/results/drop-h100x2.json
 """
 
 from __future__ import annotations
@@ -17,14 +23,24 @@ import json
 import os
 import socket
 import statistics
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 
-from infra.service import Supervisor, apply_deployments, prefect_env, start_prefect_server, start_workers
+from infra.service import (
+    Supervisor,
+    apply_deployments,
+    gpu_worker_bindings,
+    prefect_env,
+    start_gpu_worker,
+    start_prefect_server,
+    start_workers,
+)
 from infra.settings import Settings
 from tests.helpers import png_bytes
 
@@ -53,75 +69,180 @@ class RssSampler(threading.Thread):
             self.peak = max(self.peak, total)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--jobs", type=int, default=5)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=5, help="jobs dropped one at a time")
+    parser.add_argument("--flood", type=int, default=0, help="jobs per GPU worker dropped at once")
+    parser.add_argument("--gpu-workers", type=int, default=1, help="GPU workers for the last flood")
+    parser.add_argument("--model", default="tiny", help="registry name, model folder, or 'full' "
+                        "(the full-size architecture with random weights, built here)")
+    parser.add_argument("--size", type=int, default=None, help="width = height of every job")
+    parser.add_argument("--frames", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--ready-timeout", type=float, default=600, help="seconds for a GPU worker's warm-up")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/drop-cpu.json"))
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="i2vflow-bench-"))
     inbox, outbox, state = work / "inbox", work / "outbox", work / "state"
+    model = _model(args.model, work / "models")
+    gpus = gpu_worker_bindings(args.gpu_workers)
     sampler = RssSampler()
     sampler.start()
     sup = Supervisor(env=prefect_env("", state), log_dir=state / "logs")
     sup.env.pop("PREFECT_API_URL")
     sup.env["PREFECT_HOME"] = str(state / "prefect")
+    command = "python -m benchmarks.bench_drop " + " ".join(sys.argv[1:] if argv is None else argv)
+    summary: dict[str, Any] = {"command": command, "model": args.model, "gpus": gpus, "cpus": os.cpu_count()}
     try:
         api = start_prefect_server(sup, _free_port(), lambda m: None)
-        sup.env = prefect_env(api, state, {"I2VFLOW_MODEL_CACHE": str(work / "models"),
-                                           "I2VFLOW_STATE_DIR": str(state), "PREFECT_HOME": str(state / "prefect")})
+        sup.env = prefect_env(api, state, {"I2VFLOW_MODEL_CACHE": str(work / "models"), "I2VFLOW_MODEL": model,
+                                           "I2VFLOW_STATE_DIR": str(state), "PREFECT_HOME": str(state / "prefect"),
+                                           "I2VFLOW_GPU_WORKER_METRICS_PORT": "0"})
         os.environ.update({k: sup.env[k] for k in ("PREFECT_API_URL", "PREFECT_LOCAL_STORAGE_PATH")})
-        apply_deployments(sup.env, "i2vflow", 1)
-        start_workers(sup, "i2vflow")
+        apply_deployments(sup.env, "i2vflow", len(gpus))
+        started = time.time()
+        start_workers(sup, "i2vflow", gpus[:1])
+        summary["first_gpu_worker_ready_s"] = _wait_ready(sup, 1, args.ready_timeout) - started
         from infra.watch.run import build_watcher
 
-        watcher, close = build_watcher(Settings(inbox=str(inbox), outbox=str(outbox), state_dir=state))
+        watcher, close = build_watcher(Settings(inbox=str(inbox), outbox=str(outbox), state_dir=state, model=model))
         stop = threading.Event()
         threading.Thread(target=watcher.run, args=(stop,), daemon=True).start()
-        rows = [_one_job(i, inbox, outbox, watcher) for i in range(args.jobs)]
+        spec = _spec(args)
+        rows = [_one_job(f"job-{i}", spec, inbox, outbox, watcher) for i in range(args.jobs)]
+        summary.update(_latency_summary(rows))
+        if args.flood:
+            summary["flood"] = [_flood("one", args.flood, spec, inbox, outbox)]
+            if len(gpus) > 1:
+                for index, gpu in enumerate(gpus[1:], start=1):
+                    start_gpu_worker(sup, index, gpu)
+                _wait_ready(sup, len(gpus), args.ready_timeout)
+                summary["flood"].append(_flood("all", args.flood * len(gpus), spec, inbox, outbox))
+                one, every = summary["flood"]
+                summary["scaling_videos_per_hour"] = round(every["videos_per_hour"] / one["videos_per_hour"], 3)
         stop.set()
         close()
     finally:
         sup.stop()
         sampler.stop.set()
-    summary = {
-        "jobs": rows,
-        "median_drop_to_run_created_s": statistics.median(r["drop_to_run_created_s"] for r in rows),
-        "median_drop_to_video_s": statistics.median(r["drop_to_video_s"] for r in rows),
-        "model_loads": max(r["model_loads_in_process"] for r in rows),
-        "gpu_worker_pids": sorted({r["gpu_worker_pid"] for r in rows}),
-        "peak_rss_service_mb": round(sampler.peak / 2**20),
-        "cpus": os.cpu_count(),
-    }
+    summary["peak_rss_service_mb"] = round(sampler.peak / 2**20)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2))
     print(json.dumps({k: v for k, v in summary.items() if k != "jobs"}, indent=2))
+    return summary
 
 
-def _one_job(index: int, inbox: Path, outbox: Path, watcher: object) -> dict[str, float]:
-    stem = f"job-{index}"
+def _model(name: str, cache: Path) -> str:
+    if name != "full":
+        return name
+    from infra.engine.full import build_full_i2vgenxl
+
+    return str(build_full_i2vgenxl(cache / "i2vgen-xl-random"))
+
+
+def _spec(args: argparse.Namespace) -> dict[str, Any]:
+    spec: dict[str, Any] = {"prompt": "product rotating slowly under studio light"}
+    if args.size:
+        spec.update(width=args.size, height=args.size)
+    if args.frames:
+        spec["num_frames"] = args.frames
+    if args.steps:
+        spec["steps"] = args.steps
+    return spec
+
+
+def _wait_ready(sup: Supervisor, workers: int, timeout: float) -> float:
+    """Until ``workers`` GPU workers publish heartbeats (they start beating after warm-up)."""
+    from prefect import get_client
+
+    deadline = time.time() + timeout
+    pids = {str(child.pid) for name, child in sup.children.items() if name.startswith("gpu-worker")}
+    while time.time() < deadline:
+        if sup.check():
+            raise RuntimeError(f"a child died: {sup.check()}; see {sup.log_dir}")
+        with get_client(sync_client=True) as client:
+            names = [v.name for v in client.read_variables() if v.name.startswith("i2vflow-gpu-")]
+        if sum(any(name.endswith(f"-{pid}") for name in names) for pid in pids) >= workers:
+            return time.time()
+        time.sleep(0.5)
+    raise TimeoutError(f"{workers} GPU worker(s) not ready after {timeout} s; see {sup.log_dir}")
+
+
+def _drop(stem: str, spec: dict[str, Any], inbox: Path, shade: int) -> None:
     inbox.mkdir(parents=True, exist_ok=True)
-    (inbox / f"{stem}.json").write_text(json.dumps({"prompt": "product rotating slowly"}))
-    (inbox / f"{stem}.png").write_bytes(png_bytes(color=(index * 30 % 255, 80, 120)))
-    dropped = time.time()
-    sidecar = outbox / f"{stem}.json"
-    while not sidecar.exists():
+    (inbox / f"{stem}.json").write_text(json.dumps(spec))
+    (inbox / f"{stem}.png").write_bytes(png_bytes(color=(shade * 30 % 255, 80, 120)))
+
+
+def _wait_video(outbox: Path, stem: str, timeout: float = 300) -> dict[str, Any]:
+    sidecar, deadline = outbox / f"{stem}.json", time.time() + timeout
+    while not (sidecar.exists() and (outbox / f"{stem}.mp4").exists()):
+        if (outbox / f"{stem}.error.json").exists() or time.time() > deadline:
+            raise RuntimeError(f"{stem}: no video; see {outbox}")
         time.sleep(0.05)
-    video_at = sidecar.stat().st_mtime
-    data = json.loads(sidecar.read_text())
-    record = watcher.ledger.get(data["job_id"])  # type: ignore[attr-defined]
+    return {"at": sidecar.stat().st_mtime, **json.loads(sidecar.read_text())}
+
+
+def _one_job(stem: str, spec: dict[str, Any], inbox: Path, outbox: Path, watcher: object) -> dict[str, Any]:
+    _drop(stem, spec, inbox, len(stem))
+    dropped = time.time()
+    data = _wait_video(outbox, stem)
     from prefect import get_client
 
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(data["prefect"]["flow_run_id"])
     detected = watcher.ledger._query("SELECT created_at FROM jobs WHERE job_id=?", (data["job_id"],))[0][0]  # type: ignore[attr-defined]
-    assert record is not None
+    render = data["timings_seconds"]["render_on_model"]
     return {
         "drop_to_detected_s": round(detected - dropped, 3),
         "drop_to_run_created_s": round(run.created.timestamp() - dropped, 3),
-        "drop_to_video_s": round(video_at - dropped, 3),
-        "render_s": data["timings_seconds"]["render_on_model"],
+        "drop_to_video_s": round(data["at"] - dropped, 3),
+        "render_s": render,
+        "overhead_s": round(data["at"] - dropped - render, 3),
         "model_loads_in_process": data["engine"]["model_loads_in_process"],
         "gpu_worker_pid": data["engine"]["pid"],
+    }
+
+
+def _latency_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    if not rows:
+        return {"jobs": []}
+    overhead, render = (statistics.median(r[k] for r in rows) for k in ("overhead_s", "render_s"))
+    return {
+        "jobs": rows,
+        "median_drop_to_run_created_s": statistics.median(r["drop_to_run_created_s"] for r in rows),
+        "median_drop_to_video_s": statistics.median(r["drop_to_video_s"] for r in rows),
+        "median_render_s": render,
+        "median_overhead_s": overhead,
+        "overhead_share_of_render": round(overhead / render, 3),
+        "model_loads": max(r["model_loads_in_process"] for r in rows),
+    }
+
+
+def _flood(label: str, count: int, spec: dict[str, Any], inbox: Path, outbox: Path) -> dict[str, Any]:
+    """Drop ``count`` jobs at once; time until the last video, and who rendered what."""
+    stems = [f"flood-{label}-{i}" for i in range(count)]
+    started = time.time()
+    for i, stem in enumerate(stems):
+        _drop(stem, spec, inbox, i)
+    videos = [_wait_video(outbox, stem) for stem in stems]
+    done = [v["at"] for v in videos]
+    per_pid: dict[str, int] = {}
+    for video in videos:
+        per_pid[str(video["engine"]["pid"])] = per_pid.get(str(video["engine"]["pid"]), 0) + 1
+    wall = max(done) - started
+    return {
+        "label": label,
+        "jobs": count,
+        "wall_s": round(wall, 2),
+        "videos_per_hour": round(count / wall * 3600, 1),
+        "steady_videos_per_hour": round((count - 1) / (max(done) - min(done)) * 3600, 1) if count > 1 else None,
+        "median_render_s": statistics.median(v["timings_seconds"]["render_on_model"] for v in videos),
+        "videos_per_gpu_worker": per_pid,
     }
 
 

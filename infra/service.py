@@ -62,10 +62,10 @@ class Supervisor:
     log_dir: Path
     children: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
-    def start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the child
-        child = subprocess.Popen(argv, env=self.env, cwd=PROJECT_ROOT, stdout=log,
+        child = subprocess.Popen(argv, env=env or self.env, cwd=PROJECT_ROOT, stdout=log,
                                  stderr=subprocess.STDOUT, start_new_session=True)
         self.children[name] = child
         return child
@@ -124,12 +124,45 @@ def apply_deployments(env: dict[str, str], work_pool: str, gpu_limit: int) -> No
         raise RuntimeError(f"prefect deploy failed:\n{result.stdout}\n{result.stderr}")
 
 
-def start_workers(sup: Supervisor, work_pool: str) -> None:
-    """A process worker (runs flows, one process per run) and the warm GPU task worker."""
+def visible_gpus() -> list[str]:
+    """CUDA device ids this host may use (respecting CUDA_VISIBLE_DEVICES); empty without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    listed = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return listed or [str(i) for i in range(torch.cuda.device_count())]
+
+
+def gpu_worker_bindings(requested: int, gpus: list[str] | None = None) -> list[str | None]:
+    """One entry per GPU worker to start: the CUDA device it is bound to, or None (CPU host).
+
+    ``requested`` 0 means one worker per visible GPU (``gpus``, default: this host's). Two workers
+    never share a card: a second render on the same GPU only splits its time and doubles its memory.
+    """
+    gpus = visible_gpus() if gpus is None else gpus
+    if not gpus:
+        return [None] * max(1, requested)
+    if requested > len(gpus):
+        raise ValueError(f"I2VFLOW_GPU_WORKERS={requested} but only {len(gpus)} GPU(s) are visible: {gpus}")
+    return list(gpus[: requested or len(gpus)])
+
+
+def start_workers(sup: Supervisor, work_pool: str, gpus: list[str | None] | None = None) -> None:
+    """A process worker (runs flows, one process per run) and one warm GPU task worker per GPU."""
     sup.start("flow-worker", [sys.executable, "-m", "prefect", "worker", "start",
                               "--pool", work_pool, "--type", "process"])
-    start_gpu_worker(sup)
+    for index, gpu in enumerate(gpus or [None]):
+        start_gpu_worker(sup, index, gpu)
 
 
-def start_gpu_worker(sup: Supervisor) -> subprocess.Popen[bytes]:
-    return sup.start("gpu-worker", [sys.executable, "-m", "infra.cli", "gpu-worker"])
+def start_gpu_worker(sup: Supervisor, index: int = 0, gpu: str | None = None) -> subprocess.Popen[bytes]:
+    """``i2vflow gpu-worker`` bound to one card (CUDA_VISIBLE_DEVICES), with its own /metrics port."""
+    name = "gpu-worker" if index == 0 else f"gpu-worker-{index}"
+    env = dict(sup.env)
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    base_port = int(env.get("I2VFLOW_GPU_WORKER_METRICS_PORT", "9465"))
+    if base_port and index:
+        env["I2VFLOW_GPU_WORKER_METRICS_PORT"] = str(base_port + index)
+    return sup.start(name, [sys.executable, "-m", "infra.cli", "gpu-worker"], env=env)

@@ -47,7 +47,10 @@ class Settings(BaseSettings):
     # Prefect wiring.
     deployment: str = "generate-video/generate-video"
     work_pool: str = "i2vflow"
-    gpu_limit: int = Field(1, ge=1, description="Renders at once per GPU concurrency slot.")
+    gpu_limit: int = Field(1, ge=1, description="Size of the `gpu` tag concurrency limit: renders at once "
+                           "across the fleet (`up` raises it to its own GPU workers' count).")
+    gpu_workers: int = Field(0, ge=0, description="GPU task workers `up` starts, one per card, each bound to "
+                             "it; 0: one per visible CUDA device (one on a host without CUDA).")
     render_timeout_seconds: float = Field(1800.0, gt=0)
 
     # Model engine.
@@ -56,6 +59,8 @@ class Settings(BaseSettings):
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     memory_mode: Literal["auto", "full", "slicing", "offload"] = "auto"
+    speed_preset: Literal["auto", "stock", "fast"] = Field("auto", description="Engine speed levers "
+                                                          "(docs/performance.md); auto: fast on CUDA.")
     oom_fallback: bool = True
     warmup_shapes: str = Field("", description="WxHxF,... rendered (2 steps) at GPU-worker start; "
                                "empty: the model's default size at 16 frames.")

@@ -108,7 +108,8 @@ def engine_options() -> Any:
 
     settings = get_settings()
     return EngineOptions(device=settings.device, dtype=settings.dtype,
-                         memory_mode=settings.memory_mode, oom_fallback=settings.oom_fallback)
+                         memory_mode=settings.memory_mode, oom_fallback=settings.oom_fallback,
+                         preset=settings.speed_preset)
 
 
 def _retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:

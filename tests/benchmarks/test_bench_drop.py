@@ -1,0 +1,29 @@
+"""The service benchmark's CPU path: the command the GPU-host figures come from, run on the tiny
+model with two GPU workers, so its flood and scaling code cannot rot. No timings asserted."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from infra.service import PROJECT_ROOT
+
+
+def test_bench_drop_runs_the_service_with_two_gpu_workers(tmp_path: Path) -> None:
+    out = tmp_path / "drop.json"
+    # Its own Prefect server, not the test session's: a clean environment like an operator's shell.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    subprocess.run([sys.executable, "-m", "benchmarks.bench_drop", "--jobs", "1", "--flood", "1",
+                    "--gpu-workers", "2", "--out", str(out)], cwd=PROJECT_ROOT, env=env, check=True,
+                   timeout=900, capture_output=True)
+    report = json.loads(out.read_text())
+    assert report["gpus"] == [None, None]
+    assert len(report["jobs"]) == 1 and report["jobs"][0]["overhead_s"] > 0
+    one, both = report["flood"]
+    assert (one["jobs"], both["jobs"]) == (1, 2)
+    assert sum(one["videos_per_gpu_worker"].values()) == 1
+    assert sum(both["videos_per_gpu_worker"].values()) == 2
+    assert report["scaling_videos_per_hour"] > 0
