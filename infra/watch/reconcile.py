@@ -6,7 +6,7 @@ every ``reconcile_seconds`` it asks the server about the jobs it believes submit
   the model refusing it) -> ``failed``: final, the user has an error file.
 - Crashed runs, or runs that failed for an operational reason (store or server unreachable,
   GPU worker lost), are rescheduled through Prefect (the same run, so still exactly once), at
-  most ``max_attempts`` times; then ``failed``.
+  most ``max_attempts`` times; then ``failed``, with a ``service_failed`` error file for the user.
 - A submitted job whose run no longer exists goes back to ``detected`` and is resubmitted.
 - Videos in the outbox without a sidecar (a publish cut short) are reported.
 Findings go to the logs and, when there are any, to a Prefect markdown artifact.
@@ -14,12 +14,16 @@ Findings go to the logs and, when there are any, to a Prefect markdown artifact.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import structlog
 
+from infra.jobs import JobTicket
 from infra.ledger import Ledger
+from infra.spec import ErrorReport
 from infra.store.base import Store
 
 log = structlog.get_logger("i2vflow.reconciler")
@@ -49,8 +53,10 @@ def reconcile(ledger: Ledger, outbox: Store, read_states: Callable[[list[str]], 
         elif state == "CANCELLED" or (state == "FAILED" and message.startswith(FINAL_FOR_USER)):
             ledger.mark_finished(job_id, ok=False, error=message[:2000])
         elif state in ("CRASHED", "FAILED"):
-            findings.append(_retry(ledger, record.attempts, job_id, stem, run_id, state, message,
-                                   reschedule, max_attempts))
+            finding = _retry(ledger, record.attempts, job_id, stem, run_id, state, message, reschedule, max_attempts)
+            if finding.kind == "run_gave_up":
+                _report_gave_up(outbox, record.ticket, record.attempts, finding.detail)
+            findings.append(finding)
         elif state == "MISSING":
             ledger.resubmit(job_id)
             findings.append(Finding("run_missing", job_id, stem, f"flow run {run_id} is gone", "resubmitted"))
@@ -70,6 +76,20 @@ def _retry(ledger: Ledger, attempts: int, job_id: str, stem: str, run_id: str, s
     reschedule(run_id, f"rescheduled by the i2vflow reconciler after: {message[:200]}")
     ledger.count_attempt(job_id)
     return Finding("run_rescheduled", job_id, stem, detail, "rescheduled")
+
+
+def _report_gave_up(outbox: Store, ticket: JobTicket, attempts: int, detail: str) -> None:
+    """The user's side of giving up: an error file, as for bad input, so no job ends in silence."""
+    report = ErrorReport(
+        error="service_failed",
+        message=f"The service could not finish this job after {attempts} attempts; your input looks fine. "
+        f"Last failure: {detail}",
+        inputs={"image": ticket.image_key, "spec": ticket.spec_key}, job_id=ticket.job_id,
+        retry="Ask the operator to check the service (`i2vflow doctor`, the reconciler's findings). This job is "
+        "recorded as failed: to render it again, change its JSON (any edit, e.g. add a seed) once the service is "
+        "healthy.")
+    body = {**report.model_dump(), "written_at": datetime.now(UTC).isoformat()}
+    outbox.write(ticket.output_key(".error.json"), json.dumps(body, indent=2).encode(), "application/json")
 
 
 def _half_published(outbox: Store) -> list[Finding]:

@@ -6,6 +6,7 @@ recovery tests run it against a real server.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from infra.jobs import JobTicket
@@ -45,7 +46,16 @@ def test_reconcile_gives_up_after_max_attempts(tmp_path: Path) -> None:
     ledger, outbox = Ledger(tmp_path / "l.sqlite3"), FolderStore(tmp_path / "out")
     _submitted(ledger, "flaky")
     calls: list[str] = []
-    for _ in range(4):
-        reconcile(ledger, outbox, lambda ids: {i: ("CRASHED", "") for i in ids},
+    for _ in range(2):
+        reconcile(ledger, outbox, lambda ids: {i: ("CRASHED", "worker lost") for i in ids},
+                  lambda run_id, reason: calls.append(run_id), max_attempts=3)
+    assert not (tmp_path / "out" / "flaky.error.json").exists()  # still being retried: no verdict yet
+    for _ in range(2):
+        reconcile(ledger, outbox, lambda ids: {i: ("CRASHED", "worker lost") for i in ids},
                   lambda run_id, reason: calls.append(run_id), max_attempts=3)
     assert len(calls) == 2 and ledger.get("flaky").state == "failed"
+    # Giving up is never silent: the user gets an error file that says it is not their input.
+    report = json.loads((tmp_path / "out" / "flaky.error.json").read_text())
+    assert report["error"] == "service_failed" and report["job_id"] == "flaky"
+    assert "worker lost" in report["message"] and "i2vflow doctor" in report["retry"]
+    assert report["inputs"] == {"image": "flaky.png", "spec": None}
