@@ -26,7 +26,10 @@ def _ledger_states(state_dir: Path) -> dict[str, str]:
     if not path.exists():
         return {}
     with sqlite3.connect(path, timeout=10) as db:
-        return dict(db.execute("SELECT stem, state FROM jobs").fetchall())
+        try:
+            return dict(db.execute("SELECT stem, state FROM jobs").fetchall())
+        except sqlite3.OperationalError:  # the watcher created the file but not yet its tables
+            return {}
 
 
 def _rendering(run_name_prefix: str) -> set[str]:
