@@ -120,7 +120,7 @@ def _watcher_metrics(watcher: object) -> object | None:
     if not metrics.start_metrics_server(settings.metrics_port, settings.metrics_host):
         return None
     return metrics.OutcomePoller(watcher.inbox_location, settings.deployment,  # type: ignore[attr-defined]
-                                 watcher.ledger.detected_at,  # type: ignore[attr-defined]
+                                 watcher.ledger,  # type: ignore[attr-defined]
                                  interval=settings.metrics_poll_seconds).start()
 
 

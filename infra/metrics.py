@@ -172,12 +172,11 @@ class OutcomePoller:
     EVENTS = ("i2vflow.video.published", "i2vflow.job.failed", "prefect.flow-run.Crashed")
     CLAIM_DAYS = 1.0  # claims outlive any look-back (minutes), even after a long server outage
 
-    def __init__(self, inbox_location: str, deployment: str, ledger: Ledger | Callable[[str], float | None],
+    def __init__(self, inbox_location: str, deployment: str, ledger: Ledger,
                  interval: float = 15.0, lookback: float = 120.0, series: OutcomeSeries = OUTCOMES) -> None:
         self.inbox_location = inbox_location
         self.deployment = deployment
-        # infra/cli.py passes the bound ``ledger.detected_at``: the ledger behind it is the one shared.
-        self.ledger: Ledger = ledger if isinstance(ledger, Ledger) else ledger.__self__  # type: ignore[union-attr]
+        self.ledger = ledger
         self.interval = interval
         self.lookback = lookback
         self.series = series

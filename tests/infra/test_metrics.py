@@ -133,7 +133,7 @@ def test_outcome_poller_counts_real_prefect_events_once(service, tmp_path: Path)
     detected->published latency from the ledger; another inbox's events are not."""
     ledger = Ledger(tmp_path / "ledger.sqlite3")
     inbox = str(tmp_path / "inbox")
-    poller = metrics.OutcomePoller(inbox, "generate-video/generate-video", ledger.detected_at, lookback=60)
+    poller = metrics.OutcomePoller(inbox, "generate-video/generate-video", ledger, lookback=60)
     published, failed, other = _ticket(inbox, "ok"), _ticket(inbox, "bad"), _ticket("/other/inbox", "x")
     ledger.record_detected(published)
     before = metrics.END_TO_END.collect()[0]
@@ -222,7 +222,7 @@ def test_a_drop_shows_on_the_gpu_worker_and_watcher_endpoints(service, start_wat
                           timeout=180, what="the GPU worker's /metrics with the model loaded")
     handle = start_watcher(inbox, outbox)
     poller = metrics.OutcomePoller(str(inbox.resolve()), "generate-video/generate-video",
-                                   handle.watcher.ledger.detected_at, lookback=60)
+                                   handle.watcher.ledger, lookback=60)
     published = metrics.VIDEOS_PUBLISHED._value.get()
     drop(inbox, "metered", {"prompt": "p", **FAST_SPEC}, png_bytes())
     wait_for((outbox / "metered.json").exists, what="the video's sidecar")
