@@ -65,6 +65,9 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "fast-cl-vae": {"preset": "fast", "channels_last": True, "compile_vae": True},
     "fast-vae": {"preset": "fast", "compile_vae": True},
     "auto": {},
+    # Quality-trading (opt-in, never a preset): DPM-Solver++ capped at 25 steps; see the drift column.
+    "dpm25": {"preset": "stock", "scheduler": "dpm++", "max_steps": 25},
+    "fast-dpm25": {"preset": "fast", "scheduler": "dpm++", "max_steps": 25},
 }
 DEFAULT_GPU_VARIANTS = "stock,fast,fast-cudagraphs"
 DEFAULT_CPU_VARIANTS = "stock,engine-stock,auto,eager-fused-qkv"

@@ -61,6 +61,10 @@ class Settings(BaseSettings):
     memory_mode: Literal["auto", "full", "slicing", "offload"] = "auto"
     speed_preset: Literal["auto", "stock", "fast"] = Field("auto", description="Engine speed levers "
                                                           "(docs/performance.md); auto: fast on CUDA.")
+    scheduler: Literal["default", "dpm++"] = Field("default", description="Quality-trading, opt-in: "
+                                                   "DPM-Solver++ instead of the model's DDIM (pair with max_steps).")
+    max_steps: int | None = Field(None, ge=1, description="Quality-trading, opt-in: cap every job's denoising "
+                                  "steps (the sidecar records the steps really run).")
     oom_fallback: bool = True
     warmup_shapes: str = Field("", description="WxHxF,... rendered (2 steps) at GPU-worker start; "
                                "empty: the model's default size at 16 frames.")

@@ -109,7 +109,8 @@ def engine_options() -> Any:
     settings = get_settings()
     return EngineOptions(device=settings.device, dtype=settings.dtype,
                          memory_mode=settings.memory_mode, oom_fallback=settings.oom_fallback,
-                         preset=settings.speed_preset)
+                         preset=settings.speed_preset, scheduler=settings.scheduler,
+                         max_steps=settings.max_steps)
 
 
 def _retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:

@@ -79,6 +79,7 @@ class RenderResult:
     pid: int
     oom_fallback_used: bool
     speed: dict = field(default_factory=dict)  # the speed levers this render ran with
+    steps_run: int = 0  # denoising steps really run (``max_steps`` may cap the request's)
 
 
 def _check_int(name: str, value: object, low: int, high: int) -> None:
@@ -263,7 +264,7 @@ class Engine:
             width=request.width,
             num_frames=request.num_frames,
             target_fps=request.fps,
-            num_inference_steps=request.steps,
+            num_inference_steps=loaded.speed.steps_for(request.steps),
             guidance_scale=request.guidance_scale,
             decode_chunk_size=chunk,
             generator=generator,
@@ -321,7 +322,7 @@ class Engine:
             frames=int(frames.shape[0]),
             width=request.width,
             height=request.height,
-            steps=request.steps,
+            steps=loaded.speed.steps_for(request.steps),
             seconds=round(render_seconds, 3),
         )
         return RenderResult(
@@ -339,6 +340,7 @@ class Engine:
             pid=os.getpid(),
             oom_fallback_used=fallback_used,
             speed=loaded.speed.as_dict(),
+            steps_run=loaded.speed.steps_for(request.steps),
         )
 
 

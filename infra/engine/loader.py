@@ -54,6 +54,7 @@ class EngineOptions:
     ``~/.cache/i2vflow/inductor``), so a worker's second start compiles from cache.
     ``gpu_memory_gb``: cap this process's GPU memory (emulates a smaller card; ``auto``
     memory mode then decides within the cap).
+    ``scheduler``, ``max_steps``: quality-trading, opt-in only (``dpm++``; a cap on steps).
     """
 
     device: str = "auto"
@@ -70,6 +71,8 @@ class EngineOptions:
     compile_vae: bool | None = None
     compile_cache_dir: str | None = None
     gpu_memory_gb: float | None = None
+    scheduler: str = "default"
+    max_steps: int | None = None
 
     def check(self) -> None:
         """Raise a precise ``ValueError`` for an option outside its allowed values."""

@@ -1,0 +1,55 @@
+"""Speed and quality-trading levers on the tiny model (CPU): what is opt-in stays opt-in, and a
+quality trade runs what it says and says what it ran."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from infra.engine.engine import Engine, RenderRequest
+from infra.engine.loader import EngineOptions
+from infra.engine.speed import PRESETS, resolve_plan
+
+MakeRequest = Callable[..., RenderRequest]
+
+
+@pytest.mark.parametrize("preset", ["auto", "stock", "fast"])
+def test_quality_trading_is_never_part_of_a_preset(preset: str) -> None:
+    for device in ("cpu", "cuda"):
+        plan = resolve_plan(EngineOptions(preset=preset), device, "full")
+        assert (plan.scheduler, plan.max_steps) == ("default", None)
+        assert plan.steps_for(50) == 50
+    assert all(p.scheduler == "default" and p.max_steps is None for p in PRESETS.values())
+
+
+def test_dpm_solver_with_a_step_cap_runs_fewer_steps_and_says_so(model_cache: Path, make_request: MakeRequest) -> None:
+    traded = Engine(EngineOptions(device="cpu", scheduler="dpm++", max_steps=3), model_cache=model_cache)
+    loaded = traded.warm("tiny")
+    unet_calls: list[int] = []
+    hook = loaded.pipeline.unet.register_forward_hook(lambda *_: unet_calls.append(1))
+    try:
+        result = traded.render(make_request(steps=10, seed=5))
+    finally:
+        hook.remove()
+
+    assert type(loaded.pipeline.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    assert len(unet_calls) == 3  # one UNet call per step (guidance is batched into it)
+    assert result.steps_run == 3
+    assert (result.speed["scheduler"], result.speed["max_steps"]) == ("dpm++", 3)
+    np.testing.assert_array_equal(result.frames, traded.render(make_request(steps=10, seed=5)).frames)
+
+    stock = Engine(EngineOptions(device="cpu"), model_cache=model_cache).render(make_request(steps=3, seed=5))
+    assert stock.steps_run == 3 and stock.speed["scheduler"] == "default"
+    assert not np.array_equal(result.frames, stock.frames)  # another sampler: another output
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("scheduler", "euler", "`scheduler` must be one of"),
+    ("max_steps", 0, "`max_steps` must be None or >= 1"),
+])
+def test_bad_quality_options_name_the_field(field: str, value: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        EngineOptions(**{field: value}).check()  # type: ignore[arg-type]
