@@ -32,3 +32,15 @@ def test_applying_again_updates_the_one_automation_in_place(prefect_api: str) ->
 def test_a_threshold_within_the_heartbeat_interval_is_refused() -> None:
     with pytest.raises(ValueError, match="must exceed the 30 s heartbeat"):
         zombie_automation(30)
+
+
+def test_every_deployment_carries_the_heartbeat_the_automation_relies_on(service: object) -> None:
+    """Workers started by hand (no i2vflow environment) must still send heartbeats, or the
+    automation would crash live runs: prefect.yaml sets it in the deployments' job variables."""
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        for name in ("generate-video/generate-video", "campaign/campaign"):
+            deployment = client.read_deployment_by_name(name)
+            assert deployment.job_variables["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30", name
+            assert "i2vflow" in deployment.tags  # the tag the automation watches
