@@ -64,6 +64,7 @@ def build_watcher(settings: Settings | None = None) -> tuple[Watcher, Callable[[
             closers.insert(0, stop)
             hints.append(source)
     watcher.reconcile = lambda: _reconcile(ledger, outbox, settings.max_reschedules)
+    watcher.server_back = _server_probe()
     watcher.hint_sources = hints
     structlog.get_logger("i2vflow.watcher").info(
         "watcher.started", inbox=inbox.describe(), outbox=outbox_location, source=kind,
@@ -76,6 +77,16 @@ def build_watcher(settings: Settings | None = None) -> tuple[Watcher, Callable[[
                 closers.pop(0)()
 
     return watcher, close
+
+
+def _server_probe() -> Callable[[], bool] | None:
+    """GET /health of the Prefect API this process submits to (None: no server URL set)."""
+    from prefect.settings import PREFECT_API_URL
+
+    from infra.service import api_healthy
+
+    url = PREFECT_API_URL.value()
+    return (lambda: api_healthy(url, timeout=1.0)) if url else None
 
 
 def _reconcile(ledger: Ledger, outbox: Store, max_attempts: int) -> list[Finding]:

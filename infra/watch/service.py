@@ -65,6 +65,9 @@ class Watcher:
         # Set by build_watcher: compares ledger, Prefect runs and outbox (infra/watch/reconcile.py).
         self.reconcile: Callable[[], object] | None = None
         self.hint_sources: list[object] = []  # what wakes this watcher early (for tests and doctor)
+        # Set by build_watcher: a cheap "is the Prefect server answering?" probe, so a back-off
+        # after failed submits ends as soon as the server is back, not up to a minute later.
+        self.server_back: Callable[[], bool] | None = None
         self._next_reconcile = 0.0
 
     def scan_once(self) -> ScanReport:
@@ -193,14 +196,16 @@ class Watcher:
         """Scan until ``stop`` is set: at once on a hint, else every ``rescan_seconds``.
         Store or server failures back off exponentially (up to a minute), never crash."""
         while not stop.is_set():
+            probe = None
             try:
                 report = self.scan_once()
                 self._backoff = 0.0 if not report.submit_errors else self._next_backoff()
+                probe = self.server_back
             except Exception as exc:
                 self._backoff = self._next_backoff()
                 log.error("scan.failed", error=repr(exc)[:500], retry_in=self._backoff)
             if self._backoff:
-                stop.wait(self._backoff)  # hints must not cut a back-off short
+                self._back_off(stop, probe)  # hints must not cut a back-off short
                 continue
             self._maybe_reconcile()
             pending_settle = bool(self.settler.unsettled())
@@ -218,6 +223,20 @@ class Watcher:
             self.reconcile()
         except Exception as exc:  # the server may be away; the next pass tries again
             log.warning("reconcile.failed", error=repr(exc)[:500])
+
+    def _back_off(self, stop: threading.Event, server_back: Callable[[], bool] | None) -> None:
+        """Wait out the back-off; after failed submits, end it early once a server that was seen
+        down answers again (a healthy server that refuses submits keeps the full back-off)."""
+        deadline = time.monotonic() + self._backoff
+        seen_down = server_back is not None and not server_back()
+        while (left := deadline - time.monotonic()) > 0:
+            if stop.wait(min(left, 2.0)):
+                return
+            if server_back is not None:
+                healthy = server_back()
+                if healthy and seen_down:
+                    return
+                seen_down = seen_down or not healthy
 
     def _next_backoff(self) -> float:
         return min(60.0, max(1.0, self._backoff * 2))

@@ -120,13 +120,17 @@ def test_prefect_server_down_while_drops_arrive_loses_nothing(tmp_path: Path) ->
     env = prefect_env(api, state, {"PREFECT_HOME": str(home)})
     apply_deployments(env, "i2vflow", gpu_limit=1)
     server.stop("prefect-server")
+    stopped_at = time.monotonic()
     inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
     watcher = _watcher_process(env, inbox, outbox, state, tmp_path / "watcher.log")
     try:
+        # A minute without a server, drops arriving at its start and in its middle.
         for index in range(5):
+            if index == 3:
+                time.sleep(max(0.0, 30 - (time.monotonic() - stopped_at)))
             drop(inbox, f"outage-{index}", {"prompt": "p", **FAST_SPEC}, png_bytes(color=(1, index * 40, 1)))
         wait_for(lambda: len(_ledger_states(state)) == 5, timeout=60, what="5 jobs recorded while the server is down")
-        time.sleep(15)  # the server stays down; the watcher keeps retrying with back-off
+        time.sleep(max(0.0, 60 - (time.monotonic() - stopped_at)))  # the watcher keeps retrying with back-off
         assert set(_ledger_states(state).values()) <= {"detected", "submitting"}
         restarted_at = time.monotonic()
         start_prefect_server(server, port, lambda _: None)

@@ -138,3 +138,29 @@ def test_a_webhook_flood_does_not_stop_scanning(make_watcher, tmp_path: Path) ->
         hook.stop()
     assert statuses.count(401) >= 900, "bad and missing tokens are refused"
     assert {401, 413, 400} <= set(statuses), sorted(set(statuses))
+
+
+def test_a_back_off_ends_once_the_server_that_was_down_answers(make_watcher, tmp_path: Path) -> None:
+    """After a long outage the back-off has grown to a minute; the server's health probe cuts it
+    short, so runs are created seconds after the server is back, not up to a minute later."""
+    inbox, recorder = tmp_path / "in", Recorder()
+    recorder.down = True
+    watcher = make_watcher(inbox, recorder)
+    watcher.server_back = lambda: not recorder.down
+    drop(inbox, "late", {"prompt": "p"}, png_bytes())
+    wait_for(lambda: watcher.ledger.counts().get("detected") == 1, timeout=20, what="the job recorded")
+    wait_for(lambda: watcher._backoff >= 4, timeout=60, what="the back-off to grow")
+    watcher._backoff = 30.0  # as after a long outage: the next failed scan waits a minute
+    wait_for(lambda: watcher._backoff == 60.0, timeout=60, what="a minute-long back-off")
+    recorder.down = False
+    wait_for(lambda: len(recorder.calls) == 1, timeout=20, what="the submission soon after the server is back")
+
+
+def test_a_healthy_server_that_refuses_submits_keeps_the_full_back_off(tmp_path: Path) -> None:
+    settings = Settings(inbox=str(tmp_path / "in"), outbox=str(tmp_path / "out"), state_dir=tmp_path / "st")
+    watcher = Watcher(settings, FolderStore(tmp_path / "in"), str(tmp_path / "in"), str(tmp_path / "out"),
+                      Ledger(settings.ledger_path), Recorder().submit, lambda *_: None)
+    watcher._backoff = 3.0
+    started = time.monotonic()
+    watcher._back_off(threading.Event(), lambda: True)  # never seen down: no reason to hurry
+    assert time.monotonic() - started >= 2.9
