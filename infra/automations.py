@@ -72,6 +72,8 @@ def ensure_zombie_automation(api_url: str, stale_after: float) -> None:
 
 
 if __name__ == "__main__":  # on a fleet: once, beside `prefect deploy --all`
-    import os
+    from infra.settings import get_settings
 
-    ensure_zombie_automation(os.environ["PREFECT_API_URL"], float(os.environ.get("I2VFLOW_ZOMBIE_AFTER_SECONDS", "90")))
+    if not PREFECT_API_URL.value():
+        raise SystemExit("set PREFECT_API_URL to the Prefect server's API (e.g. http://prefect:4200/api)")
+    ensure_zombie_automation(str(PREFECT_API_URL.value()), get_settings().zombie_after_seconds)

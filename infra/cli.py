@@ -50,7 +50,8 @@ def up(port: int = typer.Option(4200, help="Port of the local Prefect server."))
                                                      "PREFECT_LOGGING_EXTRA_LOGGERS")})
         gpus = service.gpu_worker_bindings(settings.gpu_workers)
         _say("creating the work pool, the gpu concurrency limit and the deployments ...")
-        service.apply_deployments(sup.env, settings.work_pool, max(settings.gpu_limit, len(gpus)))
+        service.apply_deployments(sup.env, settings.work_pool, max(settings.gpu_limit, len(gpus)),
+                                  settings.zombie_after_seconds)
         bound = ", ".join(f"GPU {gpu}" for gpu in gpus if gpu is not None) or "CPU"
         _say(f"starting the flow worker and {len(gpus)} GPU worker(s) ({bound}) ...")
         service.start_workers(sup, settings.work_pool, gpus)

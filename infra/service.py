@@ -37,10 +37,9 @@ def prefect_env(api_url: str, state_dir: Path, extra: dict[str, str] | None = No
         "PYTHONUNBUFFERED": "1",
         # The process worker's default 10 s poll would dominate drop-to-video time.
         "PREFECT_WORKER_QUERY_SECONDS": os.environ.get("PREFECT_WORKER_QUERY_SECONDS", "2"),
-        # Flow runs heartbeat at Prefect's floor; a run silent for I2VFLOW_ZOMBIE_AFTER_SECONDS
-        # is marked Crashed by the automation apply_deployments creates (infra/automations.py).
+        # Flow runs heartbeat at Prefect's floor (prefect.yaml sets it too); a run silent for
+        # zombie_after_seconds is marked Crashed by the automation apply_deployments creates.
         "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": os.environ.get("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30"),
-        "I2VFLOW_ZOMBIE_AFTER_SECONDS": os.environ.get("I2VFLOW_ZOMBIE_AFTER_SECONDS", "90"),
     })
     env.update(extra or {})
     return env
@@ -105,7 +104,7 @@ def start_prefect_server(sup: Supervisor, port: int, progress: Progress, timeout
     return api_url
 
 
-def apply_deployments(env: dict[str, str], work_pool: str, gpu_limit: int) -> None:
+def apply_deployments(env: dict[str, str], work_pool: str, gpu_limit: int, zombie_after_seconds: float = 90.0) -> None:
     """Create the work pool, the ``gpu`` concurrency limit and the zombie-run automation, then
     deploy prefect.yaml."""
     from infra.automations import ensure_zombie_automation  # imports prefect: only when applying
@@ -118,7 +117,7 @@ def apply_deployments(env: dict[str, str], work_pool: str, gpu_limit: int) -> No
     if work_pool not in pools.stdout:
         prefect("work-pool", "create", work_pool, "--type", "process")
     prefect("concurrency-limit", "create", "gpu", str(gpu_limit))
-    ensure_zombie_automation(env["PREFECT_API_URL"], float(env.get("I2VFLOW_ZOMBIE_AFTER_SECONDS", "90")))
+    ensure_zombie_automation(env["PREFECT_API_URL"], zombie_after_seconds)
     result = prefect("--no-prompt", "deploy", "--all", check=False)
     if result.returncode != 0:
         raise RuntimeError(f"prefect deploy failed:\n{result.stdout}\n{result.stderr}")

@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     gpu_workers: int = Field(0, ge=0, description="GPU task workers `up` starts, one per card, each bound to "
                              "it; 0: one per visible CUDA device (one on a host without CUDA).")
     render_timeout_seconds: float = Field(1800.0, gt=0)
+    zombie_after_seconds: float = Field(90.0, gt=30, description="A flow run with no heartbeat (every 30 s) or "
+                                        "state change for this long is marked Crashed, then rescheduled.")
 
     # Model engine.
     model: str = "tiny"

@@ -107,11 +107,10 @@ def service(prefect_api: str, tiny_model_cache: Path, tmp_path_factory: pytest.T
         "I2VFLOW_S3_ACCESS_KEY": s3_server.access_key,
         "I2VFLOW_S3_SECRET_KEY": s3_server.secret_key,
         "I2VFLOW_GPU_WORKER_METRICS_PORT": str(free_port()),  # scraped in tests
-        # A flow run silent this long is crashed by Prefect (heartbeats every 30 s; 90 s default).
-        "I2VFLOW_ZOMBIE_AFTER_SECONDS": "45",
     })
     supervisor = Supervisor(env=env, log_dir=state / "logs")
-    apply_deployments(env, "i2vflow", gpu_limit=1)
+    # A flow run silent 45 s is crashed by Prefect (heartbeats every 30 s; 90 s default).
+    apply_deployments(env, "i2vflow", gpu_limit=1, zombie_after_seconds=45)
     start_workers(supervisor, "i2vflow")
     yield Service(supervisor, env, state)
     supervisor.stop()
