@@ -242,17 +242,17 @@ def test_flow_worker_killed_with_runs_in_flight_recovers_each_job_once(service, 
 
 def test_s3_down_from_render_to_publish_fails_clearly_then_one_video(service, start_watcher, s3_moto, s3_server,
                                                                      s3_bucket, tmp_path: Path) -> None:
-    """The outbox bucket's server is stopped while the run renders (the inputs come from a folder,
-    so publish is the run's first S3 request) and stays down until the run has failed."""
+    """The outbox bucket's server is stopped once the run exists, before its render (the inputs come
+    from a folder, so publish is the run's first S3 request), and stays down until the run has failed."""
     from infra.orchestrator import read_run_states
 
     client, bucket = s3_bucket
     inbox, video_key, sidecar_key = tmp_path / "inbox", "outbox/item.mp4", "outbox/item.json"
     drop(inbox, "item", {"prompt": "p", "num_frames": 8, "steps": 20}, png_bytes())
     handle = start_watcher(inbox, f"s3://{bucket}/outbox", reconcile_seconds=2.0, **s3_server.settings_kwargs())
-    run_id = wait_for(lambda: _job_runs(handle).get("item"), timeout=60, what="the run")
-    render = wait_for(lambda: _task_runs(run_id, "render-frames"), timeout=120, interval=0.1, what="the render")[0]
-    assert not (render.state and render.state.is_final()), "rendered before the outage: nothing to test"
+    # Stopped as soon as the run exists: nothing in a run touches the outbox before publish, so the
+    # outage spans the render and the publish without racing a fast tiny-model render.
+    run_id = wait_for(lambda: _job_runs(handle).get("item"), timeout=60, interval=0.1, what="the run")
     seen: set[tuple[int, str]] = set()  # every version of the video key that was ever visible
     watching = threading.Event()
     looker = make_client(s3_server.endpoint, s3_server.access_key, s3_server.secret_key, retries=0)
