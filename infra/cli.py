@@ -47,7 +47,8 @@ def up(port: int = typer.Option(4200, help="Port of the local Prefect server."))
             api_url = service.start_prefect_server(sup, port, _say)
         sup.env = service.prefect_env(api_url, settings.state_dir)
         os.environ.update({k: sup.env[k] for k in ("PREFECT_API_URL", "PREFECT_LOCAL_STORAGE_PATH",
-                                                     "PREFECT_LOGGING_EXTRA_LOGGERS")})
+                                                     "PREFECT_LOGGING_EXTRA_LOGGERS",
+                                                     "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW")})
         gpus = service.gpu_worker_bindings(settings.gpu_workers)
         _say("creating the work pool, the gpu concurrency limit and the deployments ...")
         service.apply_deployments(sup.env, settings.work_pool, max(settings.gpu_limit, len(gpus)),

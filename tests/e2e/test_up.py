@@ -45,6 +45,7 @@ def test_up_renders_a_dropped_example_and_ctrl_c_stops_everything(tiny_model_cac
         children = psutil.Process(up.pid).children(recursive=True)
         names = (tmp_path / "up.log").read_text()
         assert "1 GPU worker(s) (CPU)" in names
+        assert "without a flow run id" not in names  # the watcher's logs stay local, no Prefect warning
         up.send_signal(signal.SIGINT)
         assert up.wait(90) == 0
         gone, alive = psutil.wait_procs(children, timeout=30)
