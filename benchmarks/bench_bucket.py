@@ -22,7 +22,6 @@ import io
 import json
 import logging
 import os
-import socket
 import statistics
 import tempfile
 import threading
@@ -39,15 +38,11 @@ from infra.service import Supervisor, apply_deployments, prefect_env, start_pref
 from infra.settings import Settings
 from infra.store.bucket import make_client
 from tests.helpers import png_bytes
+from tests.ports import free_port
 from tests.s3server import S3Server
 
 TOKEN = "bench-token"
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Moto:
@@ -179,7 +174,7 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="i2vflow-bench-bucket-"))
     state = work / "state"
-    moto = Moto(_free_port())
+    moto = Moto(free_port())
     moto.start()
     s3 = moto.info
     base = s3.settings_kwargs()
@@ -191,7 +186,7 @@ def main() -> None:
     sup.env.pop("PREFECT_API_URL")
     sup.env["PREFECT_HOME"] = str(state / "prefect")
     try:
-        api = start_prefect_server(sup, _free_port(), lambda m: None)
+        api = start_prefect_server(sup, free_port(), lambda m: None)
         sup.env = prefect_env(api, state, {
             "I2VFLOW_MODEL_CACHE": str(work / "models"), "I2VFLOW_STATE_DIR": str(state),
             "PREFECT_HOME": str(state / "prefect"), "PREFECT_WORKER_QUERY_SECONDS": "1",
@@ -212,7 +207,7 @@ def main() -> None:
         stop_watcher(watcher, stop, close)
 
         # 3. push: moto S3 -> SNS -> HTTP subscription -> webhook (polling every 120 s behind it)
-        port = _free_port()
+        port = free_port()
         settings = Settings(inbox=inbox, outbox=outbox, state_dir=state / "hook", poll_seconds=120,
                             webhook_port=port, webhook_token=TOKEN, **base)
         watcher, stop, close = start_watcher(settings)

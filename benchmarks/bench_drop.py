@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -43,12 +42,7 @@ from infra.service import (
 )
 from infra.settings import Settings
 from tests.helpers import png_bytes
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.ports import free_port
 
 
 class RssSampler(threading.Thread):
@@ -98,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     command = "python -m benchmarks.bench_drop " + " ".join(sys.argv[1:] if argv is None else argv)
     summary: dict[str, Any] = {"command": command, "model": args.model, "gpus": gpus, "cpus": os.cpu_count()}
     try:
-        api = start_prefect_server(sup, _free_port(), lambda m: None)
+        api = start_prefect_server(sup, free_port(), lambda m: None)
         sup.env = prefect_env(api, state, {"I2VFLOW_MODEL_CACHE": str(work / "models"), "I2VFLOW_MODEL": model,
                                            "I2VFLOW_STATE_DIR": str(state), "PREFECT_HOME": str(state / "prefect"),
                                            "I2VFLOW_GPU_WORKER_METRICS_PORT": "0"})

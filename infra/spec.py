@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -87,6 +88,12 @@ class ErrorReport(BaseModel):
     flow_run_id: str | None = None
     i2vflow_version: str | None = None
     retry: str = "Fix the input and drop the file(s) again; a changed file makes a new job."
+
+
+def error_file_bytes(report: ErrorReport) -> bytes:
+    """The bytes of ``NAME.error.json``: the report and when it was written (one format for all writers)."""
+    body = {**report.model_dump(), "written_at": datetime.now(UTC).isoformat()}
+    return json.dumps(body, indent=2).encode()
 
 
 class BadInputError(ValueError):

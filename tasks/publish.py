@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from infra.engine.video import VideoInfo
 from infra.jobs import JobTicket
 from infra.orchestrator import emit_job_event
 from infra.settings import get_settings
-from infra.spec import ErrorReport
+from infra.spec import ErrorReport, error_file_bytes
 from infra.store import open_store
 
 log = structlog.get_logger("i2vflow.publish")
@@ -86,8 +85,7 @@ def write_error_report(ticket: JobTicket, report: ErrorReport) -> str:
         "flow_run_id": runtime.flow_run.id,
         "i2vflow_version": i2vflow_version(),
     })
-    body = {**full.model_dump(), "written_at": datetime.now(UTC).isoformat()}
-    outbox.write(key, json.dumps(body, indent=2).encode(), "application/json")
+    outbox.write(key, error_file_bytes(full), "application/json")
     emit_job_event("job.failed", ticket, error=report.error, message=report.message)
     log.warning("job.rejected", job_id=ticket.job_id, input_key=ticket.stem, error=report.error,
                 message=report.message, report_key=key)

@@ -14,16 +14,14 @@ Findings go to the logs and, when there are any, to a Prefect markdown artifact.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 import structlog
 
 from infra.jobs import JobTicket
 from infra.ledger import Ledger
-from infra.spec import ErrorReport
+from infra.spec import ErrorReport, error_file_bytes
 from infra.store.base import Store
 
 log = structlog.get_logger("i2vflow.reconciler")
@@ -88,8 +86,7 @@ def _report_gave_up(outbox: Store, ticket: JobTicket, attempts: int, detail: str
         retry="Ask the operator to check the service (`i2vflow doctor`, the reconciler's findings). This job is "
         "recorded as failed: to render it again, change its JSON (any edit, e.g. add a seed) once the service is "
         "healthy.")
-    body = {**report.model_dump(), "written_at": datetime.now(UTC).isoformat()}
-    outbox.write(ticket.output_key(".error.json"), json.dumps(body, indent=2).encode(), "application/json")
+    outbox.write(ticket.output_key(".error.json"), error_file_bytes(report), "application/json")
 
 
 def _half_published(outbox: Store) -> list[Finding]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from infra.heartbeat import claimed_task_runs
 from infra.service import PROJECT_ROOT, Supervisor, apply_deployments, prefect_env, start_prefect_server
 from infra.store.bucket import make_client
 from tests.helpers import FAST_SPEC, drop, flow_runs_named, png_bytes, wait_for
+from tests.ports import free_port
 
 
 def _ledger_states(state_dir: Path) -> dict[str, str]:
@@ -104,18 +104,13 @@ def test_watcher_killed_with_jobs_pending_gives_each_job_one_run(service, tmp_pa
     assert sorted(run.name for run in runs) == sorted(names), "exactly one run per job"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def test_prefect_server_down_while_drops_arrive_loses_nothing(tmp_path: Path) -> None:
     home, state = tmp_path / "prefect-home", tmp_path / "state"
     env = prefect_env("", state, {"PREFECT_HOME": str(home)})
     env.pop("PREFECT_API_URL")
     server = Supervisor(env=env, log_dir=tmp_path / "logs")
-    port = _free_port()
+    port = free_port()
     api = start_prefect_server(server, port, lambda _: None)
     env = prefect_env(api, state, {"PREFECT_HOME": str(home)})
     apply_deployments(env, "i2vflow", gpu_limit=1)

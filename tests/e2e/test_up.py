@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,12 +16,7 @@ import psutil
 from infra.engine.video import probe_mp4
 from infra.service import PROJECT_ROOT
 from tests.helpers import wait_for
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.ports import free_port
 
 
 def test_up_renders_a_dropped_example_and_ctrl_c_stops_everything(tiny_model_cache: Path, tmp_path: Path) -> None:
@@ -32,7 +26,7 @@ def test_up_renders_a_dropped_example_and_ctrl_c_stops_everything(tiny_model_cac
                 "I2VFLOW_MODEL_CACHE": str(tiny_model_cache), "I2VFLOW_METRICS_PORT": "0",
                 "I2VFLOW_GPU_WORKER_METRICS_PORT": "0", "PYTHONUNBUFFERED": "1"})
     log = open(tmp_path / "up.log", "wb")  # noqa: SIM115 - closed below
-    up = subprocess.Popen([sys.executable, "-m", "infra.cli", "up", "--port", str(_free_port())], cwd=PROJECT_ROOT,
+    up = subprocess.Popen([sys.executable, "-m", "infra.cli", "up", "--port", str(free_port())], cwd=PROJECT_ROOT,
                           env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         inbox.mkdir(parents=True, exist_ok=True)
