@@ -63,6 +63,12 @@ class Settings(BaseSettings):
     memory_mode: Literal["auto", "full", "slicing", "offload"] = "auto"
     speed_preset: Literal["auto", "stock", "fast"] = Field("auto", description="Engine speed levers "
                                                           "(docs/performance.md); auto: fast on CUDA.")
+    compile_scope: Literal["model", "blocks"] = Field("model", description="With compilation on: one graph "
+                                                      "(model) or each repeated block (blocks: faster warm-up).")
+    short_attention: bool | None = Field(None, description="Temporal self-attention through a Triton kernel "
+                                         "(CUDA); unset: the preset's choice (on in fast).")
+    fp8_linear: bool = Field(False, description="Transformers' Linear layers as fp8 matmuls (Ada/Hopper; "
+                             "changes numerics, docs/performance.md gives the drift).")
     scheduler: Literal["default", "dpm++"] = Field("default", description="Quality-trading, opt-in: "
                                                    "DPM-Solver++ instead of the model's DDIM (pair with max_steps).")
     max_steps: int | None = Field(None, ge=1, description="Quality-trading, opt-in: cap every job's denoising "

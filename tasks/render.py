@@ -109,8 +109,9 @@ def engine_options() -> Any:
     settings = get_settings()
     return EngineOptions(device=settings.device, dtype=settings.dtype,
                          memory_mode=settings.memory_mode, oom_fallback=settings.oom_fallback,
-                         preset=settings.speed_preset, scheduler=settings.scheduler,
-                         max_steps=settings.max_steps)
+                         preset=settings.speed_preset, compile_scope=settings.compile_scope,
+                         short_attention=settings.short_attention, fp8_linear=settings.fp8_linear,
+                         scheduler=settings.scheduler, max_steps=settings.max_steps)
 
 
 def _retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:

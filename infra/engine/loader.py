@@ -52,6 +52,10 @@ class EngineOptions:
     ``compile_vae``: also compile the VAE decoder (only with ``compile`` on).
     ``compile_cache_dir``: persistent inductor caches (default ``I2VFLOW_COMPILE_CACHE`` or
     ``~/.cache/i2vflow/inductor``), so a worker's second start compiles from cache.
+    ``compile_scope``: ``model`` (one graph) or ``blocks`` (each repeated block: faster warm-up).
+    ``short_attention``: temporal self-attention through a Triton kernel (CUDA only; ``None``
+    takes the preset's choice).
+    ``fp8_linear``: the transformers' Linear layers in e4m3 (Ada/Hopper; changes numerics).
     ``gpu_memory_gb``: cap this process's GPU memory (emulates a smaller card; ``auto``
     memory mode then decides within the cap).
     ``scheduler``, ``max_steps``: quality-trading, opt-in only (``dpm++``; a cap on steps).
@@ -70,6 +74,9 @@ class EngineOptions:
     cudnn_benchmark: bool | None = None
     compile_vae: bool | None = None
     compile_cache_dir: str | None = None
+    compile_scope: str = "model"
+    short_attention: bool | None = None
+    fp8_linear: bool = False
     gpu_memory_gb: float | None = None
     scheduler: str = "default"
     max_steps: int | None = None

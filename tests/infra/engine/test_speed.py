@@ -53,3 +53,25 @@ def test_dpm_solver_with_a_step_cap_runs_fewer_steps_and_says_so(model_cache: Pa
 def test_bad_quality_options_name_the_field(field: str, value: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         EngineOptions(**{field: value}).check()  # type: ignore[arg-type]
+
+
+def test_gpu_only_levers_are_skipped_on_a_cpu_with_the_reason() -> None:
+    plan = resolve_plan(EngineOptions(preset="fast", fp8_linear=True, compile="off"), "cpu", "full")
+    assert (plan.short_attention, plan.fp8_linear, plan.compile_vae) == (False, False, False)
+    reasons = " ".join(plan.skipped)
+    assert "short_attention (CUDA only" in reasons and "fp8_linear (needs a CUDA GPU" in reasons
+    assert plan.compile_scope == "model"  # no compilation: no scope to report
+
+
+def test_fast_on_cuda_plans_the_measured_levers() -> None:
+    plan = resolve_plan(EngineOptions(preset="auto", compile_scope="blocks"), "cuda", "full")
+    assert (plan.compile, plan.compile_scope, plan.short_attention, plan.compile_vae) == (
+        "default", "blocks", True, True)
+    assert plan.fp8_linear is False and plan.skipped == ()
+    off = resolve_plan(EngineOptions(preset="fast", short_attention=False), "cuda", "full")
+    assert off.short_attention is False
+
+
+def test_bad_compile_scope_names_the_field() -> None:
+    with pytest.raises(ValueError, match="`compile_scope` must be one of"):
+        EngineOptions(compile_scope="layers").check()

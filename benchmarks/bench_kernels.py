@@ -1,0 +1,141 @@
+"""Kernel-level check of two engine levers at the UNet's own shapes: error and speed.
+
+Why: ``bench_engine`` says what a lever does to a whole video; this says why, one layer at a
+time, and validates the numerics before a long run:
+
+- ``short_attention`` (Triton) against PyTorch SDPA on the temporal layers' shapes
+  (batch = 2 x latent pixels, tokens = frames, heads x 64): max abs error, time ratio;
+- ``Fp8Linear`` against the fp16 ``Linear`` (both under ``torch.compile``, as the engine
+  runs them) on the transformers' matmul shapes: relative error, time ratio.
+
+Timings are CUDA-event medians after warm-up, as ratios against the baseline measured in the
+same process. On a CPU (the test suite) it runs the fp8 numerics at small shapes and reports the
+CUDA-only kernel as skipped.
+
+    python -m benchmarks.bench_kernels [--device cuda] [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from infra.engine.fp8 import Fp8Linear
+
+RESULTS_DIR = Path(__file__).parent / "results"
+# (label, batch, tokens, heads): temporal attention of a 512x512x16 render per UNet level,
+# then 768x768x24 at the top level.
+ATTENTION_SHAPES = [("512x16 64x64", 8192, 16, 5), ("512x16 32x32", 2048, 16, 10),
+                    ("512x16 16x16", 512, 16, 20), ("512x16 8x8", 128, 16, 20),
+                    ("768x24 96x96", 18432, 24, 5)]
+# (label, rows, in, out): fused QKV, GEGLU in, feed-forward out at the top two levels.
+LINEAR_SHAPES = [("qkv 64x64", 131072, 320, 960), ("geglu 64x64", 131072, 320, 2560),
+                 ("ff-out 64x64", 131072, 1280, 320), ("qkv 32x32", 32768, 640, 1920),
+                 ("geglu 32x32", 32768, 640, 5120), ("ff-out 32x32", 32768, 2560, 640)]
+CPU_LINEAR_SHAPES = [("small", 256, 64, 128)]
+
+
+def timed(fn: Callable[[], Any], device: str, repeats: int = 20) -> float:
+    """Median milliseconds of ``fn`` after warm-up (CUDA events on a GPU)."""
+    for _ in range(3):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            samples.append(start.elapsed_time(end))
+        else:
+            began = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - began) * 1000)
+    return statistics.median(samples)
+
+
+def attention_rows(device: str) -> list[dict[str, Any]]:
+    """Triton short attention against SDPA, inputs as the fused QKV split hands them over."""
+    if not device.startswith("cuda"):
+        return [{"skipped": "short_attention is a CUDA kernel"}]
+    from infra.engine.triton_kernels import short_attention
+
+    rows = []
+    for label, batch, tokens, heads in ATTENTION_SHAPES:
+        width = heads * 64
+        qkv = torch.randn(batch, tokens, 3 * width, device=device, dtype=torch.float16)
+        query, key, value = qkv.chunk(3, dim=-1)
+
+        def sdpa(q: torch.Tensor = query, k: torch.Tensor = key, v: torch.Tensor = value,
+                 n: int = heads) -> torch.Tensor:
+            split = [t.view(t.shape[0], t.shape[1], n, -1).transpose(1, 2) for t in (q, k, v)]
+            out = F.scaled_dot_product_attention(*split)
+            return out.transpose(1, 2).reshape(q.shape[0], q.shape[1], -1)
+
+        def kernel(q: torch.Tensor = query, k: torch.Tensor = key, v: torch.Tensor = value,
+                   n: int = heads) -> torch.Tensor:
+            return short_attention(q, k, v, n, 64**-0.5)
+
+        error = (kernel().float() - sdpa().float()).abs().max().item()
+        sdpa_ms, kernel_ms = timed(sdpa, device), timed(kernel, device)
+        rows.append({"shape": label, "batch": batch, "tokens": tokens, "heads": heads,
+                     "max_abs_error": error, "sdpa_ms": round(sdpa_ms, 4), "kernel_ms": round(kernel_ms, 4),
+                     "speedup": round(sdpa_ms / kernel_ms, 3)})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def linear_rows(device: str) -> list[dict[str, Any]]:
+    """Compiled fp8 Linear against the compiled fp16 (fp32 on CPU) Linear."""
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    shapes = LINEAR_SHAPES if device.startswith("cuda") else CPU_LINEAR_SHAPES
+    rows = []
+    for label, batch, fan_in, fan_out in shapes:
+        linear = torch.nn.Linear(fan_in, fan_out, device=device, dtype=dtype)
+        quantised = Fp8Linear(linear)
+        hidden = torch.randn(batch, fan_in, device=device, dtype=dtype)
+        reference = linear(hidden).float()
+        error = ((quantised(hidden).float() - reference).norm() / reference.norm()).item()
+        row: dict[str, Any] = {"shape": label, "rows": batch, "in": fan_in, "out": fan_out,
+                               "relative_error": round(error, 5)}
+        if device.startswith("cuda"):
+            base = torch.compile(linear, dynamic=False)
+            fast = torch.compile(quantised, dynamic=False)
+            base_ms = timed(lambda f=base, x=hidden: f(x), device)
+            fast_ms = timed(lambda f=fast, x=hidden: f(x), device)
+            tflop = 2 * batch * fan_in * fan_out / 1e12
+            row |= {"fp16_ms": round(base_ms, 4), "fp8_ms": round(fast_ms, 4),
+                    "speedup": round(base_ms / fast_ms, 3),
+                    "fp16_tflops": round(tflop / base_ms * 1000, 1), "fp8_tflops": round(tflop / fast_ms * 1000, 1)}
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=str(RESULTS_DIR))
+    args = parser.parse_args(argv)
+    gpu = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
+    report = {"device": gpu, "torch": torch.__version__,
+              "short_attention": attention_rows(args.device), "fp8_linear": linear_rows(args.device)}
+    slug = gpu.lower().replace(" ", "-")
+    out = Path(args.out) / f"kernels-{slug}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
