@@ -8,10 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from infra.engine.engine import Engine, RenderRequest
 from infra.engine.loader import EngineOptions
-from infra.engine.speed import PRESETS, resolve_plan
+from infra.engine.speed import PRESETS, REGION_CLASSES, resolve_plan
 
 MakeRequest = Callable[..., RenderRequest]
 
@@ -75,3 +76,19 @@ def test_fast_on_cuda_plans_the_measured_levers() -> None:
 def test_bad_compile_scope_names_the_field() -> None:
     with pytest.raises(ValueError, match="`compile_scope` must be one of"):
         EngineOptions(compile_scope="layers").check()
+
+
+@pytest.mark.parametrize("scope", ["model", "blocks"])
+def test_compile_scope_decides_what_is_compiled(model_cache: Path, scope: str) -> None:
+    # Loading applies the plan; compilation itself is lazy (first call), so nothing compiles here.
+    options = EngineOptions(device="cpu", preset="fast", compile_scope=scope, compile_cache_dir=str(model_cache / "ic"))
+    pipeline = Engine(options, model_cache=model_cache).warm("tiny").pipeline
+    def compiled(model: torch.nn.Module) -> set[str]:
+        return {type(m).__name__ for m in model.modules() if getattr(m, "_compiled_call_impl", None) is not None}
+
+    if scope == "model":
+        assert compiled(pipeline.unet) == {"I2VGenXLUNet"}
+    else:
+        assert "ResnetBlock2D" in compiled(pipeline.unet) and compiled(pipeline.unet) <= set(REGION_CLASSES)
+    assert compiled(pipeline.vae.decoder) == {"Decoder"}  # the decoder is compiled whole either way
+    assert compiled(pipeline.vae.encoder) == set()
