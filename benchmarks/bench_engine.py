@@ -211,6 +211,7 @@ class Bench:
         self.reference: np.ndarray | None = None
         self.stock_median: float | None = None
         self.flops_per_video: float | None = None
+        self.flops_fixed = self.flops_per_step = 0.0
         self.matmul_peak: float | None = None
 
     def request(self, steps: int | None = None) -> Any:
@@ -264,9 +265,17 @@ class Bench:
             with counter:
                 self.call_stock(pipe, steps)
             counts.append(counter.get_total_flops())
-        per_step = counts[1] - counts[0]
-        fixed = counts[0] - per_step
-        return float(fixed + per_step * self.args.steps)
+        self.flops_per_step = float(counts[1] - counts[0])
+        self.flops_fixed = float(counts[0]) - self.flops_per_step
+        return self.flops_fixed + self.flops_per_step * self.args.steps
+
+    def flops_for(self, fields: dict[str, Any] | None) -> float:
+        """FLOPs of one video of this variant: a step cap (``max_steps``) runs fewer UNet steps."""
+        assert self.flops_per_video is not None
+        cap = (fields or {}).get("max_steps")
+        if not cap or cap >= self.args.steps:
+            return self.flops_per_video
+        return self.flops_fixed + self.flops_per_step * cap
 
     def profile(self, call: Callable[[], np.ndarray], name: str) -> None:
         """Kernel time by kernel over one whole render (top 40), written beside the results."""
@@ -348,7 +357,7 @@ class Bench:
             if name == self.args.profile:
                 self.profile(call, name)
             if self.flops_per_video:
-                result.tflops = round(self.flops_per_video / result.median_seconds / 1e12, 3)
+                result.tflops = round(self.flops_for(fields) / result.median_seconds / 1e12, 3)
                 if self.matmul_peak:
                     result.share_of_matmul_peak = round(result.tflops / self.matmul_peak, 3)
         except Exception as error:  # report and go on with the next variant
