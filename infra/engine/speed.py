@@ -92,7 +92,7 @@ PRESETS: dict[str, SpeedPlan] = {
     "stock": SpeedPlan(preset="stock"),
     # Measured on H100 (docs/performance.md): compile default mode + fused QKV + channels-last
     # convolutions + the short-attention kernel + compiled VAE decoder: 512x512x16x50 in
-    # 6.56 s against stock's 11.67 s, output within fp16 rounding of the compiled UNet's.
+    # 6.33-6.56 s against stock's 11.5-11.7 s, output within fp16 rounding of the compiled UNet's.
     "fast": SpeedPlan(preset="fast", compile="default", fuse_qkv=True, channels_last=True,
                       short_attention=True, compile_vae=True),
 }
@@ -167,9 +167,6 @@ def resolve_plan(options: EngineOptions, device: str, memory_mode: str) -> Speed
         plan = replace(plan, short_attention=False)
     if plan.fp8_linear and not fp8.fp8_supported(device):
         skipped.append("fp8_linear (needs a CUDA GPU of compute capability 8.9 or newer)")
-        plan = replace(plan, fp8_linear=False)
-    if plan.fp8_linear and memory_mode == "offload":
-        skipped.append("fp8_linear (memory_mode=offload moves the UNet)")
         plan = replace(plan, fp8_linear=False)
     if plan.compile == "off":
         plan = replace(plan, compile_scope="model")
