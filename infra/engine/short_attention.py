@@ -10,6 +10,7 @@ so the output is the same computation, in the same order of operations per head.
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 import torch
@@ -17,6 +18,23 @@ import torch
 MAX_TOKENS = 64
 HEAD_DIMS = (16, 32, 64, 128)
 TEMPORAL_CLASSES = ("TransformerTemporalModel", "I2VGenXLTransformerTemporalEncoder")
+
+
+def unsupported_reason(device: str) -> str | None:
+    """Why the kernel cannot run on ``device`` (None: it can).
+
+    Triton's tensor-core ``tl.dot`` path is what this kernel was built and measured on:
+    Ampere (compute capability 8.0) or newer, with Triton installed (it ships with CUDA torch
+    on Linux, not everywhere).
+    """
+    if not device.startswith("cuda"):
+        return "CUDA only: a Triton kernel"
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed"
+    major, minor = torch.cuda.get_device_capability(torch.device(device))
+    if major < 8:
+        return f"needs compute capability 8.0 or newer, this GPU has {major}.{minor}"
+    return None
 
 
 class ShortSequenceAttnProcessor:

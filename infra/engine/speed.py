@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import torch
 
-from infra.engine import fp8
+from infra.engine import fp8, short_attention
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
@@ -162,8 +162,9 @@ def resolve_plan(options: EngineOptions, device: str, memory_mode: str) -> Speed
     if plan.cudnn_benchmark and not device.startswith("cuda"):
         skipped.append("cudnn_benchmark (CUDA only)")
         plan = replace(plan, cudnn_benchmark=False)
-    if plan.short_attention and not device.startswith("cuda"):
-        skipped.append("short_attention (CUDA only: a Triton kernel)")
+    reason = short_attention.unsupported_reason(device) if plan.short_attention else None
+    if reason:
+        skipped.append(f"short_attention ({reason})")
         plan = replace(plan, short_attention=False)
     if plan.fp8_linear and not fp8.fp8_supported(device):
         skipped.append("fp8_linear (needs a CUDA GPU of compute capability 8.9 or newer)")
@@ -224,9 +225,7 @@ def apply_plan(pipeline: DiffusionPipeline, plan: SpeedPlan) -> SpeedPlan:
             skipped.append(f"fuse_qkv ({error})")
             plan = replace(plan, fuse_qkv=False)
     if plan.short_attention:
-        from infra.engine.short_attention import use_short_attention
-
-        use_short_attention(unet)
+        short_attention.use_short_attention(unet)
     if plan.fp8_linear:
         fp8.use_fp8_linears(unet)
     if plan.channels_last:

@@ -3,6 +3,7 @@ quality trade runs what it says and says what it ran."""
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from pathlib import Path
 
@@ -64,7 +65,15 @@ def test_gpu_only_levers_are_skipped_on_a_cpu_with_the_reason() -> None:
     assert plan.compile_scope == "model"  # no compilation: no scope to report
 
 
-def test_fast_on_cuda_plans_the_measured_levers() -> None:
+def gpu_with(monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int]) -> None:
+    """Pretend to be a host with Triton and a CUDA GPU of ``capability`` (none here: no CUDA)."""
+    found = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "triton" else found(name, *a))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+
+
+def test_fast_on_cuda_plans_the_measured_levers(monkeypatch: pytest.MonkeyPatch) -> None:
+    gpu_with(monkeypatch, (9, 0))
     plan = resolve_plan(EngineOptions(preset="auto", compile_scope="blocks"), "cuda", "full")
     assert (plan.compile, plan.compile_scope, plan.short_attention, plan.compile_vae) == (
         "default", "blocks", True, True)
@@ -92,3 +101,10 @@ def test_compile_scope_decides_what_is_compiled(model_cache: Path, scope: str) -
         assert "ResnetBlock2D" in compiled(pipeline.unet) and compiled(pipeline.unet) <= set(REGION_CLASSES)
     assert compiled(pipeline.vae.decoder) == {"Decoder"}  # the decoder is compiled whole either way
     assert compiled(pipeline.vae.encoder) == set()
+
+
+def test_short_attention_is_skipped_on_a_gpu_older_than_ampere(monkeypatch: pytest.MonkeyPatch) -> None:
+    gpu_with(monkeypatch, (7, 5))  # a T4, say
+    plan = resolve_plan(EngineOptions(preset="fast"), "cuda", "full")
+    assert plan.short_attention is False
+    assert plan.skipped == ("short_attention (needs compute capability 8.0 or newer, this GPU has 7.5)",)
