@@ -30,6 +30,7 @@ denoising steps of every job). They change the output; the benchmark reports by 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
@@ -152,6 +153,10 @@ def resolve_plan(options: EngineOptions, device: str, memory_mode: str) -> Speed
     skipped: list[str] = []
     if plan.compile != "off" and memory_mode == "offload":
         skipped.append(f"compile={plan.compile} (memory_mode=offload moves the UNet)")
+        plan = replace(plan, compile="off")
+    if plan.compile != "off" and device.startswith("cuda") and importlib.util.find_spec("triton") is None:
+        # Inductor generates Triton kernels for CUDA: without it the first render would fail.
+        skipped.append(f"compile={plan.compile} (Triton is not installed)")
         plan = replace(plan, compile="off")
     if plan.compile_vae and plan.compile == "off":
         skipped.append("compile_vae (needs compile)")

@@ -108,3 +108,13 @@ def test_short_attention_is_skipped_on_a_gpu_older_than_ampere(monkeypatch: pyte
     plan = resolve_plan(EngineOptions(preset="fast"), "cuda", "full")
     assert plan.short_attention is False
     assert plan.skipped == ("short_attention (needs compute capability 8.0 or newer, this GPU has 7.5)",)
+
+
+def test_without_triton_a_gpu_runs_uncompiled_and_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    found = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else found(name, *a))
+    plan = resolve_plan(EngineOptions(preset="fast"), "cuda", "full")
+    assert (plan.compile, plan.compile_vae, plan.short_attention) == ("off", False, False)
+    assert plan.skipped == ("compile=default (Triton is not installed)", "compile_vae (needs compile)",
+                            "short_attention (Triton is not installed)")
+    assert plan.fuse_qkv and plan.channels_last  # the levers that need no compiler stay
