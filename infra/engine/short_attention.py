@@ -5,7 +5,7 @@ latent pixel; general flash-attention kernels spend most of each call on padding
 short sequences (see ``triton_kernels.py``). The processor here takes over exactly the calls
 the kernel serves (CUDA, self-attention, no mask or norms, at most ``MAX_TOKENS`` tokens, a
 head size the kernel knows) and hands every other call to the module's previous processor,
-so the output is the same computation, in the same order of operations per head.
+so the output is the same math, equal to fp16 rounding (``benchmarks/bench_kernels.py``).
 """
 
 from __future__ import annotations
