@@ -65,6 +65,9 @@ class Settings(BaseSettings):
                                                           "(docs/performance.md); auto: fast on CUDA.")
     compile_scope: Literal["model", "blocks"] = Field("model", description="With compilation on: one graph "
                                                       "(model) or each repeated block (blocks: faster warm-up).")
+    compile_aot: bool | None = Field(None, description="Compile the UNet ahead of time into AOTInductor "
+                                     "packages (one per shape) that later starts load in seconds; unset: the "
+                                     "preset's choice.")
     short_attention: bool | None = Field(None, description="Temporal self-attention through a Triton kernel "
                                          "(CUDA); unset: the preset's choice (on in fast).")
     fp8_linear: bool = Field(False, description="Transformers' Linear layers as fp8 matmuls (Ada/Hopper; "

@@ -109,7 +109,7 @@ def engine_options() -> Any:
     settings = get_settings()
     return EngineOptions(device=settings.device, dtype=settings.dtype,
                          memory_mode=settings.memory_mode, oom_fallback=settings.oom_fallback,
-                         preset=settings.speed_preset, compile_scope=settings.compile_scope,
+                         preset=settings.speed_preset, compile_scope=settings.compile_scope, aot=settings.compile_aot,
                          short_attention=settings.short_attention, fp8_linear=settings.fp8_linear,
                          scheduler=settings.scheduler, max_steps=settings.max_steps)
 

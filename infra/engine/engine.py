@@ -24,7 +24,7 @@ import torch
 
 from infra.engine.loader import EngineOptions, LoadedModel, free_memory, load_pipeline
 from infra.engine.registry import NOISE_WARNING, ModelEntry, resolve_model
-from infra.engine.speed import attention_context
+from infra.engine.speed import aot_fallbacks, attention_context
 
 log = structlog.get_logger("i2vflow.engine")
 
@@ -339,7 +339,7 @@ class Engine:
             model_loads_in_process=model_loads_in_process(),
             pid=os.getpid(),
             oom_fallback_used=fallback_used,
-            speed=loaded.speed.as_dict(),
+            speed=loaded.speed.as_dict() | {"aot_fallbacks": aot_fallbacks(loaded.pipeline)},
             steps_run=loaded.speed.steps_for(request.steps),
         )
 

@@ -53,6 +53,9 @@ class EngineOptions:
     ``compile_cache_dir``: persistent inductor caches (default ``I2VFLOW_COMPILE_CACHE`` or
     ``~/.cache/i2vflow/inductor``), so a worker's second start compiles from cache.
     ``compile_scope``: ``model`` (one graph) or ``blocks`` (each repeated block: faster warm-up).
+    ``aot``: compile the UNet (and the VAE decoder with ``compile_vae``) ahead of time into
+    AOTInductor packages in the compile cache, one per input shape: a later process loads them
+    in seconds instead of re-tracing with Dynamo (``compile=default``, ``compile_scope=model``).
     ``short_attention``: temporal self-attention through a Triton kernel (CUDA only; ``None``
     takes the preset's choice).
     ``fp8_linear``: the transformers' Linear layers in e4m3 (Ada/Hopper; changes numerics).
@@ -75,6 +78,7 @@ class EngineOptions:
     compile_vae: bool | None = None
     compile_cache_dir: str | None = None
     compile_scope: str = "model"
+    aot: bool | None = None
     short_attention: bool | None = None
     fp8_linear: bool = False
     gpu_memory_gb: float | None = None

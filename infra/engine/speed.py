@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import torch
 
-from infra.engine import fp8, short_attention
+from infra.engine import aot, fp8, short_attention
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
@@ -74,6 +74,7 @@ class SpeedPlan:
     compile_vae: bool = False
     compile_cache_dir: str | None = None
     compile_scope: str = "model"
+    aot: bool = False
     short_attention: bool = False
     fp8_linear: bool = False
     scheduler: str = "default"  # quality-trading (opt-in only)
@@ -148,6 +149,8 @@ def resolve_plan(options: EngineOptions, device: str, memory_mode: str) -> Speed
         overrides["compile_vae"] = options.compile_vae
     if options.short_attention is not None:
         overrides["short_attention"] = options.short_attention
+    if options.aot is not None:
+        overrides["aot"] = options.aot
     plan = replace(plan, **overrides, compile_scope=options.compile_scope, fp8_linear=options.fp8_linear,
                    scheduler=options.scheduler, max_steps=options.max_steps)
     skipped: list[str] = []
@@ -161,6 +164,12 @@ def resolve_plan(options: EngineOptions, device: str, memory_mode: str) -> Speed
     if plan.compile_vae and plan.compile == "off":
         skipped.append("compile_vae (needs compile)")
         plan = replace(plan, compile_vae=False)
+    if plan.aot and plan.compile != "default":
+        skipped.append(f"aot (packages the default compile mode only; compile={plan.compile})")
+        plan = replace(plan, aot=False)
+    if plan.aot and plan.compile_scope != "model":
+        skipped.append(f"aot (packages whole models; compile_scope={plan.compile_scope})")
+        plan = replace(plan, aot=False)
     if plan.attention != "auto" and not device.startswith("cuda"):
         skipped.append(f"attention={plan.attention} (CUDA only)")
         plan = replace(plan, attention="auto")
@@ -256,8 +265,13 @@ def apply_plan(pipeline: DiffusionPipeline, plan: SpeedPlan) -> SpeedPlan:
             import torch._inductor.config as inductor_config
 
             inductor_config.force_layout_optimization = True
-        _compile(unet, mode, plan.compile_scope)
-        if plan.compile_vae:
+        if plan.aot:
+            aot.use_aot_packages(unet, plan.compile_cache_dir, "unet")
+        else:
+            _compile(unet, mode, plan.compile_scope)
+        if plan.compile_vae and plan.aot:
+            aot.use_aot_packages(pipeline.vae.decoder, plan.compile_cache_dir, "vae-decoder")
+        elif plan.compile_vae:
             # Decoder only (called once per chunk of frames); no CUDA graphs: its outputs are
             # kept across calls (torch.cat of chunks). Always whole: compiled per block it
             # rendered 0.16 s slower and did not start faster (docs/performance.md).
@@ -265,6 +279,17 @@ def apply_plan(pipeline: DiffusionPipeline, plan: SpeedPlan) -> SpeedPlan:
     plan = replace(plan, skipped=tuple(skipped))
     log.info("speed.applied", **plan.as_dict())
     return plan
+
+
+def aot_fallbacks(pipeline: DiffusionPipeline) -> list[str]:
+    """Signatures the ``aot`` lever could not package (they ran under ``torch.compile``), why."""
+    reasons = []
+    vae = getattr(pipeline, "vae", None)
+    for name, module in (("unet", getattr(pipeline, "unet", None)), ("vae-decoder", getattr(vae, "decoder", None))):
+        dispatcher = getattr(module, "__dict__", {}).get("forward")
+        if isinstance(dispatcher, aot.AotDispatcher):
+            reasons += [f"{name}: {reason}" for reason in dispatcher.failures.values()]
+    return reasons
 
 
 def _compile(model: torch.nn.Module, mode: str | None, scope: str) -> None:

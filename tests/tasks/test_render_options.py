@@ -21,19 +21,21 @@ def fresh_settings() -> Iterator[None]:
 
 
 def test_speed_settings_reach_the_engine(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name, value in {"SPEED_PRESET": "fast", "COMPILE_SCOPE": "blocks", "SHORT_ATTENTION": "false",
+    for name, value in {"SPEED_PRESET": "fast", "COMPILE_SCOPE": "blocks", "COMPILE_AOT": "true",
+                        "SHORT_ATTENTION": "false",
                         "FP8_LINEAR": "true", "SCHEDULER": "dpm++", "MAX_STEPS": "25"}.items():
         monkeypatch.setenv(f"I2VFLOW_{name}", value)
     options = engine_options()
     assert (options.preset, options.compile_scope, options.short_attention, options.fp8_linear) == (
         "fast", "blocks", False, True)
-    assert (options.scheduler, options.max_steps) == ("dpm++", 25)
+    assert (options.scheduler, options.max_steps, options.aot) == ("dpm++", 25, True)
     options.check()
 
 
 def test_unset_short_attention_leaves_the_choice_to_the_preset(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("I2VFLOW_SHORT_ATTENTION", raising=False)
     assert engine_options().short_attention is None
+    assert engine_options().aot is None
 
 
 def test_a_wrong_compile_scope_names_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:

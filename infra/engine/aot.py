@@ -1,0 +1,165 @@
+"""The ``aot`` lever: models compiled ahead of time into AOTInductor packages on disk.
+
+Why: ``torch.compile`` re-traces the UNet with Dynamo in every new process; with warm inductor
+caches that is still ~35 s of a GPU worker's start (docs/performance.md). An AOTInductor package
+is the compiled model itself: a later process loads it in about a second and calls it without
+Dynamo. Packages hold no weights (``package_constants_in_so=False``): the live module's own
+parameters are handed to the package (``user_managed``), so GPU memory is not doubled and the
+weights stay the ones the model was loaded with.
+
+``use_aot_packages(module, cache_dir, name)`` routes the module's calls through an
+``AotDispatcher``. Each call is keyed by its signature (tensor shapes, dtypes, strides, devices,
+the other arguments) and by what the package depends on (torch and CUDA versions, the GPU, the
+module's architecture, attention processors and parameter layouts, inductor's layout setting).
+A known key runs its package; a new one is exported (``torch.export``), compiled
+(``aoti_compile_and_package``), saved atomically (workers on one host share the cache) and
+loaded. If any of that fails, that signature runs under ``torch.compile`` instead and the
+reason is logged and kept in ``failures``: a render never fails because of this lever.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+import torch
+import torch.utils._pytree as pytree
+
+log = structlog.get_logger("i2vflow.engine")
+
+PACKAGE_DIR = "aot"
+
+
+def _leaf_signature(leaf: Any) -> Any:
+    if isinstance(leaf, torch.Tensor):
+        return ["tensor", list(leaf.shape), list(leaf.stride()), str(leaf.dtype), str(leaf.device)]
+    return ["value", repr(leaf)]
+
+
+def module_fingerprint(module: torch.nn.Module) -> str:
+    """What a package of ``module`` depends on, besides the call: a hash of architecture and layout.
+
+    The attention processors are not in the module's ``repr`` but change the graph (fused QKV,
+    the short-attention kernel); parameter strides change the kernels (channels-last weights).
+    """
+    import torch._inductor.config as inductor_config
+
+    processors = [type(sub.processor).__name__ for sub in module.modules() if hasattr(sub, "processor")]
+    parameters = [[name, list(p.shape), list(p.stride()), str(p.dtype)]
+                  for name, p in module.named_parameters(remove_duplicate=False)]
+    capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+    facts = {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "capability": capability,
+        "architecture": repr(module),
+        "processors": processors,
+        "parameters": parameters,
+        "force_layout_optimization": inductor_config.force_layout_optimization,
+    }
+    return hashlib.sha256(json.dumps(facts, default=str).encode()).hexdigest()
+
+
+class AotDispatcher:
+    """Stands in for ``module.forward``: one loaded package per call signature."""
+
+    def __init__(self, module: torch.nn.Module, cache_dir: Path, name: str) -> None:
+        self.module = module
+        self.folder = Path(cache_dir) / PACKAGE_DIR
+        self.name = name
+        self.fingerprint = module_fingerprint(module)
+        self.packages: dict[str, Callable[..., Any]] = {}
+        self.failures: dict[str, str] = {}
+        self.compiled = 0  # packages this process built (0 on a warm start)
+        self._jit: Callable[..., Any] | None = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        key = self.key(args, kwargs)
+        if key in self.failures:
+            return self.jit(*args, **kwargs)
+        package = self.packages.get(key)
+        if package is None:
+            try:
+                package = self.load_or_build(key, args, kwargs)
+            except Exception as error:  # noqa: BLE001 - any failure here must not fail the render
+                self.failures[key] = f"{type(error).__name__}: {error}"
+                log.warning("aot.fallback", module=self.name, reason=self.failures[key][:500],
+                            fallback="torch.compile")
+                return self.jit(*args, **kwargs)
+            self.packages[key] = package
+        return package(*args, **kwargs)
+
+    def key(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        call = json.dumps([str(spec), [_leaf_signature(leaf) for leaf in leaves]])
+        return hashlib.sha256(f"{self.fingerprint}:{call}".encode()).hexdigest()[:24]
+
+    def path(self, key: str) -> Path:
+        return self.folder / f"{self.name}-{key}.pt2"
+
+    def load_or_build(self, key: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Callable[..., Any]:
+        """Load the package for ``key``; export, compile and save it first if there is none."""
+        path = self.path(key)
+        if not path.exists():
+            self.build(path, args, kwargs)
+        start = time.perf_counter()
+        package = torch._inductor.aoti_load_package(str(path))
+        wanted = package.get_constant_fqns()
+        state = dict(self.module.named_parameters(remove_duplicate=False))
+        state.update(self.module.named_buffers(remove_duplicate=False))
+        missing = [fqn for fqn in wanted if fqn not in state]
+        if missing:
+            raise RuntimeError(f"package {path.name} wants constants the module lacks: {missing[:3]}")
+        package.load_constants({fqn: state[fqn] for fqn in wanted}, check_full_update=True, user_managed=True)
+        log.info("aot.loaded", module=self.name, package=path.name, seconds=round(time.perf_counter() - start, 3))
+        return package
+
+    def build(self, path: Path, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Export the module at this call's inputs and compile it into ``path`` (atomically)."""
+        scalars = [leaf for leaf in pytree.tree_leaves((args, kwargs))
+                   if isinstance(leaf, int | float) and not isinstance(leaf, bool)]
+        if scalars:
+            # A Python number is baked into the graph: every new value would compile again.
+            raise ValueError(f"a call with Python number arguments ({scalars[:3]}) cannot be packaged")
+        start = time.perf_counter()
+        forward = self.module.__dict__.pop("forward")  # export must trace the real forward
+        try:
+            exported = torch.export.export(self.module, args, kwargs, strict=False)
+        finally:
+            self.module.forward = forward
+        traced = time.perf_counter()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=self.folder, prefix=f".{path.stem}-", suffix=".tmp.pt2")
+        os.close(handle)
+        try:
+            torch._inductor.aoti_compile_and_package(
+                exported, package_path=temporary,
+                inductor_configs={"aot_inductor.package_constants_in_so": False},
+            )
+            os.chmod(temporary, 0o644)  # mkstemp makes it private; other workers read it too
+            os.replace(temporary, path)
+        finally:
+            Path(temporary).unlink(missing_ok=True)
+        self.compiled += 1
+        log.info("aot.compiled", module=self.name, package=path.name, export_seconds=round(traced - start, 1),
+                 compile_seconds=round(time.perf_counter() - traced, 1))
+
+    def jit(self, *args: Any, **kwargs: Any) -> Any:
+        if self._jit is None:
+            original = type(self.module).forward.__get__(self.module)
+            self._jit = torch.compile(original, dynamic=False)
+        return self._jit(*args, **kwargs)
+
+
+def use_aot_packages(module: torch.nn.Module, cache_dir: str | Path, name: str) -> AotDispatcher:
+    """Route ``module``'s calls through packages in ``cache_dir/aot`` (built on first use)."""
+    dispatcher = AotDispatcher(module, Path(cache_dir), name)
+    module.forward = dispatcher
+    return dispatcher
