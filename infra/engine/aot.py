@@ -89,8 +89,9 @@ class AotDispatcher:
             try:
                 package = self.load_or_build(key, args, kwargs)
             except Exception as error:  # noqa: BLE001 - any failure here must not fail the render
-                self.failures[key] = f"{type(error).__name__}: {error}"
-                log.warning("aot.fallback", module=self.name, reason=self.failures[key][:500],
+                message = str(error).strip()
+                self.failures[key] = f"{type(error).__name__}: {message.splitlines()[0][:300] if message else ''}"
+                log.warning("aot.fallback", module=self.name, reason=self.failures[key], detail=message[-3000:],
                             fallback="torch.compile")
                 return self.jit(*args, **kwargs)
             self.packages[key] = package
@@ -110,7 +111,8 @@ class AotDispatcher:
         if not path.exists():
             self.build(path, args, kwargs)
         start = time.perf_counter()
-        package = torch._inductor.aoti_load_package(str(path))
+        package = _open_package(path)
+        opened = time.perf_counter()
         wanted = package.get_constant_fqns()
         state = dict(self.module.named_parameters(remove_duplicate=False))
         state.update(self.module.named_buffers(remove_duplicate=False))
@@ -118,7 +120,8 @@ class AotDispatcher:
         if missing:
             raise RuntimeError(f"package {path.name} wants constants the module lacks: {missing[:3]}")
         package.load_constants({fqn: state[fqn] for fqn in wanted}, check_full_update=True, user_managed=True)
-        log.info("aot.loaded", module=self.name, package=path.name, seconds=round(time.perf_counter() - start, 3))
+        log.info("aot.loaded", module=self.name, package=path.name, open_seconds=round(opened - start, 3),
+                 seconds=round(time.perf_counter() - start, 3))
         return package
 
     def build(self, path: Path, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -156,6 +159,24 @@ class AotDispatcher:
             original = type(self.module).forward.__get__(self.module)
             self._jit = torch.compile(original, dynamic=False)
         return self._jit(*args, **kwargs)
+
+
+def _open_package(path: Path) -> Any:
+    """Open a package without ``aoti_load_package``'s host check.
+
+    That check records the host's CPU vector ISA; torch 2.11 finds it by compiling a test
+    library per ISA and loading each in a fresh Python that imports torch: 23-38 s of a GPU
+    worker's start on an H100 host (measured), only to log a warning on a mismatch. The package
+    key already holds torch, CUDA and the GPU. Falls back to the public loader if the
+    constructor's signature ever changes.
+    """
+    from torch.export.pt2_archive._package import AOTICompiledModel
+
+    try:
+        loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+    except (AttributeError, TypeError):
+        return torch._inductor.aoti_load_package(str(path))
+    return AOTICompiledModel(loader)
 
 
 def use_aot_packages(module: torch.nn.Module, cache_dir: str | Path, name: str) -> AotDispatcher:
