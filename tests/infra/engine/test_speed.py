@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from infra.engine.aot import AotDispatcher
 from infra.engine.engine import Engine, RenderRequest
 from infra.engine.loader import EngineOptions
 from infra.engine.speed import PRESETS, REGION_CLASSES, resolve_plan
@@ -74,10 +75,13 @@ def gpu_with(monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int]) -> No
 
 def test_fast_on_cuda_plans_the_measured_levers(monkeypatch: pytest.MonkeyPatch) -> None:
     gpu_with(monkeypatch, (9, 0))
-    plan = resolve_plan(EngineOptions(preset="auto", compile_scope="blocks"), "cuda", "full")
-    assert (plan.compile, plan.compile_scope, plan.short_attention, plan.compile_vae) == (
-        "default", "blocks", True, True)
+    plan = resolve_plan(EngineOptions(preset="auto"), "cuda", "full")
+    assert (plan.compile, plan.compile_scope, plan.short_attention, plan.compile_vae, plan.aot) == (
+        "default", "model", True, True, True)
     assert plan.fp8_linear is False and plan.skipped == ()
+    blocks = resolve_plan(EngineOptions(preset="auto", compile_scope="blocks"), "cuda", "full")
+    assert (blocks.compile_scope, blocks.aot) == ("blocks", False)
+    assert blocks.skipped == ("aot (packages whole models; compile_scope=blocks)",)
     off = resolve_plan(EngineOptions(preset="fast", short_attention=False), "cuda", "full")
     assert off.short_attention is False
 
@@ -90,7 +94,8 @@ def test_bad_compile_scope_names_the_field() -> None:
 @pytest.mark.parametrize("scope", ["model", "blocks"])
 def test_compile_scope_decides_what_is_compiled(model_cache: Path, scope: str) -> None:
     # Loading applies the plan; compilation itself is lazy (first call), so nothing compiles here.
-    options = EngineOptions(device="cpu", preset="fast", compile_scope=scope, compile_cache_dir=str(model_cache / "ic"))
+    options = EngineOptions(device="cpu", preset="fast", aot=False, compile_scope=scope,
+                            compile_cache_dir=str(model_cache / "ic"))
     pipeline = Engine(options, model_cache=model_cache).warm("tiny").pipeline
     def compiled(model: torch.nn.Module) -> set[str]:
         return {type(m).__name__ for m in model.modules() if getattr(m, "_compiled_call_impl", None) is not None}
@@ -101,6 +106,14 @@ def test_compile_scope_decides_what_is_compiled(model_cache: Path, scope: str) -
         assert "ResnetBlock2D" in compiled(pipeline.unet) and compiled(pipeline.unet) <= set(REGION_CLASSES)
     assert compiled(pipeline.vae.decoder) == {"Decoder"}  # the decoder is compiled whole either way
     assert compiled(pipeline.vae.encoder) == set()
+
+
+def test_aot_routes_the_unet_and_decoder_through_packages(model_cache: Path) -> None:
+    options = EngineOptions(device="cpu", preset="fast", compile_cache_dir=str(model_cache / "ic"))
+    pipeline = Engine(options, model_cache=model_cache).warm("tiny").pipeline
+    assert isinstance(pipeline.unet.forward, AotDispatcher) and pipeline.unet.forward.name == "unet"
+    assert isinstance(pipeline.vae.decoder.forward, AotDispatcher)
+    assert getattr(pipeline.unet, "_compiled_call_impl", None) is None  # no Dynamo on this path
 
 
 def test_short_attention_is_skipped_on_a_gpu_older_than_ampere(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -116,5 +129,5 @@ def test_without_triton_a_gpu_runs_uncompiled_and_says_why(monkeypatch: pytest.M
     plan = resolve_plan(EngineOptions(preset="fast"), "cuda", "full")
     assert (plan.compile, plan.compile_vae, plan.short_attention) == ("off", False, False)
     assert plan.skipped == ("compile=default (Triton is not installed)", "compile_vae (needs compile)",
-                            "short_attention (Triton is not installed)")
+                            "aot (needs compile)", "short_attention (Triton is not installed)")
     assert plan.fuse_qkv and plan.channels_last  # the levers that need no compiler stay
