@@ -404,6 +404,9 @@ def slug(text: str) -> str:
 
 
 def markdown_table(report: dict[str, Any]) -> str:
+    from infra.engine.speed import PRESETS
+
+    stock_plan = PRESETS["stock"].as_dict()  # the levers column lists what differs from it
     env, cfg = report["environment"], report["config"]
     lines = [
         f"# Engine benchmark: {env.get('gpu') or env['device']}",
@@ -428,8 +431,7 @@ def markdown_table(report: dict[str, Any]) -> str:
         speed = r.get("speed") or {}
         levers = ", ".join(
             f"{k}={v}" for k, v in speed.items()
-            if k in ("compile", "fuse_qkv", "channels_last", "attention", "cudnn_benchmark",
-                     "compile_vae") and v not in (False, "off", "auto")
+            if k not in ("preset", "compile_cache_dir", "skipped", "aot_fallbacks") and stock_plan.get(k) != v
         ) or "-"
         if r.get("options") and "decode_chunk_size" in r["options"]:
             levers += f", decode_chunk={r['options']['decode_chunk_size']}"
