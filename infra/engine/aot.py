@@ -13,8 +13,9 @@ the other arguments) and by what the package depends on (torch and CUDA versions
 module's architecture, attention processors and parameter layouts, inductor's layout setting).
 A known key runs its package; a new one is exported (``torch.export``), compiled
 (``aoti_compile_and_package``), saved atomically (workers on one host share the cache) and
-loaded. If any of that fails, that signature runs under ``torch.compile`` instead and the
-reason is logged and kept in ``failures``: a render never fails because of this lever.
+loaded; workers racing for one package build it once (a file lock). If any of that fails,
+that signature runs under ``torch.compile`` instead and the reason is logged and kept in
+``failures``: a render never fails because of this lever.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import Any
 import structlog
 import torch
 import torch.utils._pytree as pytree
+from filelock import FileLock
 
 log = structlog.get_logger("i2vflow.engine")
 
@@ -109,7 +111,10 @@ class AotDispatcher:
         """Load the package for ``key``; export, compile and save it first if there is none."""
         path = self.path(key)
         if not path.exists():
-            self.build(path, args, kwargs)
+            # GPU workers of one host share the cache: one builds, the others wait and load.
+            with FileLock(f"{path}.lock"):
+                if not path.exists():
+                    self.build(path, args, kwargs)
         start = time.perf_counter()
         package = _open_package(path)
         opened = time.perf_counter()

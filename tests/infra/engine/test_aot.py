@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -105,6 +106,33 @@ def test_each_input_shape_gets_its_own_package_and_a_python_number_falls_back(tm
     assert module.forward is dispatcher  # export traced the real forward and put the dispatcher back
     (reason,) = dispatcher.failures.values()
     assert "Python number arguments ([0.5])" in reason
+
+
+def test_workers_racing_for_one_package_build_it_once(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    first = Scaled().eval()
+    second = Scaled().eval()
+    second.load_state_dict(first.state_dict())
+    dispatchers = [use_aot_packages(module, tmp_path, "scaled") for module in (first, second)]
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        expected = Scaled.forward(first, x)
+    outputs: list[torch.Tensor] = []
+
+    def call(module: Scaled) -> None:
+        with torch.no_grad():
+            outputs.append(module(x))
+
+    threads = [threading.Thread(target=call, args=(module,)) for module in (first, second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=600)
+
+    assert [d.failures for d in dispatchers] == [{}, {}]
+    assert sum(d.compiled for d in dispatchers) == 1 and len(outputs) == 2
+    for out in outputs:
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_the_package_key_follows_processors_and_weight_layout() -> None:
