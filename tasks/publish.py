@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,12 @@ log = structlog.get_logger("i2vflow.publish")
 
 
 def i2vflow_version() -> str:
-    return version("i2vflow")
+    """The installed version, for the sidecar; a source checkout run without installing has
+    none, and a job must not fail over it."""
+    try:
+        return version("i2vflow")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _artifact_key(ticket: JobTicket, kind: str) -> str:
