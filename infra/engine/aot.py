@@ -5,8 +5,8 @@ caches that is still ~35 s of a GPU worker's start (docs/performance.md). An AOT
 is the compiled model itself: a later process opens it in a fraction of a second (0.01-0.14 s
 for the UNet on an H100 host) and calls it without Dynamo. Packages hold no weights
 (``package_constants_in_so=False``): the live module's own parameters are handed to the package
-(``user_managed``), so GPU memory is not doubled and the
-weights stay the ones the model was loaded with.
+(``user_managed``), so GPU memory is not doubled and the weights stay the ones the model was
+loaded with.
 
 ``use_aot_packages(module, cache_dir, name)`` routes the module's calls through an
 ``AotDispatcher``. Each call is keyed by its signature (tensor shapes, dtypes, strides, devices,
