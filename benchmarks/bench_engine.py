@@ -73,8 +73,7 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "fast-blocks": {"preset": "fast", "compile_scope": "blocks"},
     "fast-all": {"preset": "fast", "short_attention": True, "fp8_linear": True, "compile_vae": True},
     "fast-exact": {"preset": "fast", "short_attention": True, "compile_vae": True},
-    "fast-aot": {"preset": "fast", "aot": True},
-    "fast-jit": {"preset": "fast", "aot": False},
+    "fast-jit": {"preset": "fast", "aot": False},  # `fast` as before AOTInductor packages
     "fast-exact-blocks": {"preset": "fast", "short_attention": True, "compile_vae": True, "compile_scope": "blocks"},
 }
 DEFAULT_GPU_VARIANTS = "stock,fast,fast-cudagraphs"

@@ -96,8 +96,8 @@ PRESETS: dict[str, SpeedPlan] = {
     # Measured on H100 (docs/performance.md): compile default mode + fused QKV + channels-last
     # convolutions + the short-attention kernel + compiled VAE decoder: 512x512x16x50 in
     # 6.33-6.56 s against stock's 11.5-11.7 s, output within fp16 rounding of the compiled UNet's.
-    # AOTInductor packages (``aot``) instead of Dynamo at every start: same speed (6.24 s), and a
-    # worker's second start is ready 19 s after its process starts instead of 52 s.
+    # AOTInductor packages (``aot``) instead of Dynamo at every start: as fast (6.17 s), and a
+    # worker's second start is ready 16.6 s after its process starts instead of 52 s.
     "fast": SpeedPlan(preset="fast", compile="default", fuse_qkv=True, channels_last=True,
                       short_attention=True, compile_vae=True, aot=True),
 }
