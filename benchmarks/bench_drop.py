@@ -73,6 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=None, help="width = height of every job")
     parser.add_argument("--frames", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--model-cache", type=Path, default=None,
+                        help="where 'full' is built (kept, so a second run reuses it); default a temp folder")
     parser.add_argument("--ready-timeout", type=float, default=600, help="seconds for a GPU worker's warm-up")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/drop-cpu.json"))
     return parser.parse_args(argv)
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="i2vflow-bench-"))
     inbox, outbox, state = work / "inbox", work / "outbox", work / "state"
-    model = _model(args.model, work / "models")
+    model = _model(args.model, args.model_cache or work / "models")
     gpus = gpu_worker_bindings(args.gpu_workers)
     sampler = RssSampler()
     sampler.start()
@@ -90,14 +92,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sup.env.pop("PREFECT_API_URL")
     sup.env["PREFECT_HOME"] = str(state / "prefect")
     command = "python -m benchmarks.bench_drop " + " ".join(sys.argv[1:] if argv is None else argv)
-    summary: dict[str, Any] = {"command": command, "model": args.model, "gpus": gpus, "cpus": os.cpu_count()}
+    summary: dict[str, Any] = {"command": command, "model": args.model, "gpus": gpus, "cpus": os.cpu_count(),
+                               "gpu_worker_slots": Settings().gpu_worker_slots}
     try:
         api = start_prefect_server(sup, free_port(), lambda m: None)
         sup.env = prefect_env(api, state, {"I2VFLOW_MODEL_CACHE": str(work / "models"), "I2VFLOW_MODEL": model,
                                            "I2VFLOW_STATE_DIR": str(state), "PREFECT_HOME": str(state / "prefect"),
                                            "I2VFLOW_GPU_WORKER_METRICS_PORT": "0"})
         os.environ.update({k: sup.env[k] for k in ("PREFECT_API_URL", "PREFECT_LOCAL_STORAGE_PATH")})
-        apply_deployments(sup.env, "i2vflow", len(gpus))
+        apply_deployments(sup.env, "i2vflow", len(gpus) * Settings().gpu_worker_slots)
         started = time.time()
         start_workers(sup, "i2vflow", gpus[:1])
         summary["first_gpu_worker_ready_s"] = _wait_ready(sup, 1, args.ready_timeout) - started
@@ -189,6 +192,7 @@ def _one_job(stem: str, spec: dict[str, Any], inbox: Path, outbox: Path, watcher
 
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(data["prefect"]["flow_run_id"])
+        phases = _phases(client, run, data)
     detected = watcher.ledger._query("SELECT created_at FROM jobs WHERE job_id=?", (data["job_id"],))[0][0]  # type: ignore[attr-defined]
     render = data["timings_seconds"]["render_on_model"]
     return {
@@ -199,6 +203,27 @@ def _one_job(stem: str, spec: dict[str, Any], inbox: Path, outbox: Path, watcher
         "overhead_s": round(data["at"] - dropped - render, 3),
         "model_loads_in_process": data["engine"]["model_loads_in_process"],
         "gpu_worker_pid": data["engine"]["pid"],
+        "phases_s": phases,
+    }
+
+
+def _phases(client: Any, run: Any, sidecar: dict[str, Any]) -> dict[str, float]:
+    """Where a lone job's time goes after its flow run exists, from the run's and its task runs'
+    own timestamps: waiting for a process worker and a fresh flow-run process, the flow's steps,
+    the hand-over to the GPU worker, and what follows the render."""
+    render = _render_task_run(client, run.id)
+    render_s = sidecar["timings_seconds"]["render_on_model"]
+
+    def gap(a: Any, b: Any) -> float:
+        return round(b.timestamp() - a.timestamp(), 3)
+
+    return {
+        "run_created_to_flow_start": gap(run.created, run.start_time),
+        "flow_start_to_render_submitted": gap(run.start_time, render.created),
+        "render_submitted_to_task_start": gap(render.created, render.start_time),
+        "render_task_minus_render": round(gap(render.start_time, render.end_time) - render_s, 3),
+        "render_task_end_to_video": round(sidecar["at"] - render.end_time.timestamp(), 3),
+        "encode": sidecar["timings_seconds"].get("encode", 0.0),
     }
 
 
@@ -215,6 +240,39 @@ def _latency_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "overhead_share_of_render": round(overhead / render, 3),
         "model_loads": max(r["model_loads_in_process"] for r in rows),
     }
+
+
+def _render_task_run(client: Any, flow_run_id: Any) -> Any:
+    """The last render-frames task run a flow run submitted (earlier ones lost their worker)."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return max((t for t in tasks if t.name.startswith("render-frames")), key=lambda t: t.created)
+
+
+def _gpu_gaps(videos: list[dict[str, Any]]) -> dict[str, Any]:
+    """What each GPU worker did between two renders of a flood: per consecutive pair on one
+    worker, the start-to-start period minus the first render (the GPU's idle time per video),
+    split into the time between the two task runs and the time inside a task run around the
+    render (argument loading, result persistence)."""
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        rows = [(str(v["engine"]["pid"]), _render_task_run(client, v["prefect"]["flow_run_id"]),
+                 v["timings_seconds"]["render_on_model"]) for v in videos]
+    idle, between, inside = [], [], []
+    for pid in {row[0] for row in rows}:
+        runs = sorted((r for r in rows if r[0] == pid), key=lambda r: r[1].start_time)
+        for (_, prev, prev_render), (_, nxt, _) in zip(runs, runs[1:], strict=False):
+            idle.append(nxt.start_time.timestamp() - prev.start_time.timestamp() - prev_render)
+            between.append(nxt.start_time.timestamp() - prev.end_time.timestamp())
+        inside += [(r[1].end_time - r[1].start_time).total_seconds() - r[2] for r in runs]
+    if not idle:
+        return {}
+    return {"gpu_idle_per_video_s": round(statistics.median(idle), 3),
+            "between_task_runs_s": round(statistics.median(between), 3),
+            "in_task_around_render_s": round(statistics.median(inside), 3),
+            "gpu_idle_share_of_render": round(statistics.median(idle) / statistics.median(r[2] for r in rows), 4)}
 
 
 def _flood(label: str, count: int, spec: dict[str, Any], inbox: Path, outbox: Path) -> dict[str, Any]:
@@ -237,6 +295,7 @@ def _flood(label: str, count: int, spec: dict[str, Any], inbox: Path, outbox: Pa
         "steady_videos_per_hour": round((count - 1) / (max(done) - min(done)) * 3600, 1) if count > 1 else None,
         "median_render_s": statistics.median(v["timings_seconds"]["render_on_model"] for v in videos),
         "videos_per_gpu_worker": per_pid,
+        **_gpu_gaps(videos),
     }
 
 

@@ -51,7 +51,8 @@ def up(port: int = typer.Option(4200, help="Port of the local Prefect server."))
                                                      "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW")})
         gpus = service.gpu_worker_bindings(settings.gpu_workers)
         _say("creating the work pool, the gpu concurrency limit and the deployments ...")
-        service.apply_deployments(sup.env, settings.work_pool, max(settings.gpu_limit, len(gpus)),
+        slots = len(gpus) * settings.gpu_worker_slots
+        service.apply_deployments(sup.env, settings.work_pool, max(settings.gpu_limit, slots),
                                   settings.zombie_after_seconds)
         bound = ", ".join(f"GPU {gpu}" for gpu in gpus if gpu is not None) or "CPU"
         _say(f"starting the flow worker and {len(gpus)} GPU worker(s) ({bound}) ...")
@@ -148,7 +149,7 @@ def gpu_worker(warm: bool = typer.Option(True, help="Load the model before takin
     heartbeat = HeartbeatPublisher()
     heartbeat.start()
     try:
-        serve(render_frames, limit=1)
+        serve(render_frames, limit=settings.gpu_worker_slots)
     finally:
         heartbeat.stop()
 

@@ -110,7 +110,8 @@ def service(prefect_api: str, tiny_model_cache: Path, tmp_path_factory: pytest.T
     })
     supervisor = Supervisor(env=env, log_dir=state / "logs")
     # A flow run silent 45 s is crashed by Prefect (heartbeats every 30 s; 90 s default).
-    apply_deployments(env, "i2vflow", gpu_limit=1, zombie_after_seconds=45)
+    # Render slots as `i2vflow up` sets them: one GPU worker x I2VFLOW_GPU_WORKER_SLOTS (2).
+    apply_deployments(env, "i2vflow", gpu_limit=2, zombie_after_seconds=45)
     start_workers(supervisor, "i2vflow")
     yield Service(supervisor, env, state)
     supervisor.stop()

@@ -80,6 +80,7 @@ class RenderResult:
     oom_fallback_used: bool
     speed: dict = field(default_factory=dict)  # the speed levers this render ran with
     steps_run: int = 0  # denoising steps really run (``max_steps`` may cap the request's)
+    wait_seconds: float = 0.0  # queued behind another render of this process (a GPU worker's staged job)
 
 
 def _check_int(name: str, value: object, low: int, high: int) -> None:
@@ -195,7 +196,9 @@ class Engine:
         """Render ``request`` to uint8 frames; same request and seed give the same frames."""
         # 1. Check inputs
         check_inputs(request)
+        queued = time.perf_counter()
         with self._lock:
+            wait_seconds = time.perf_counter() - queued
             # 2. Get the model (loaded once per process and kept warm)
             entry = resolve_model(request.model, self.model_cache)
             loaded, load_seconds = self._get_model(entry)
@@ -216,7 +219,8 @@ class Engine:
                 frames = self._attempt(loaded, request)
                 if frames is None:
                     raise RenderOutOfMemory(out_of_memory_message(request, loaded))
-            return self._result(request, loaded, frames, load_seconds, start, fallback_used)
+            result = self._result(request, loaded, frames, load_seconds, start, fallback_used)
+            return replace(result, wait_seconds=round(wait_seconds, 3))
 
     def _attempt(self, loaded: LoadedModel, request: RenderRequest) -> np.ndarray | None:
         """Run steps 3-5 once; ``None`` means CUDA ran out of memory (already freed).

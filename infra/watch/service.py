@@ -195,9 +195,11 @@ class Watcher:
     def run(self, stop: threading.Event) -> None:
         """Scan until ``stop`` is set: at once on a hint, else every ``rescan_seconds``.
         Store or server failures back off exponentially (up to a minute), never crash."""
+        last_scan = 0.0
         while not stop.is_set():
             probe = None
             try:
+                last_scan = time.monotonic()
                 report = self.scan_once()
                 self._backoff = 0.0 if not report.submit_errors else self._next_backoff()
                 probe = self.server_back
@@ -212,8 +214,10 @@ class Watcher:
             wait = self.settings.settle_seconds if pending_settle else self.settings.rescan_seconds
             woke = self.wake.wait(timeout=max(wait, 0.05))
             if woke:
+                # The first hint after a quiet spell is scanned at once (that look starts the
+                # settle clock); during a burst of events, at most one look per settle_seconds.
                 self.wake.clear()
-                stop.wait(self.settings.settle_seconds)  # let a burst of events finish
+                stop.wait(max(0.0, last_scan + self.settings.settle_seconds - time.monotonic()))
 
     def _maybe_reconcile(self) -> None:
         if self.reconcile is None or time.monotonic() < self._next_reconcile:

@@ -40,9 +40,10 @@ class Recorder:
 def make_watcher(tmp_path: Path):
     stops: list[tuple[threading.Event, threading.Thread, object]] = []
 
-    def make(inbox: Path, recorder: Recorder, state: Path | None = None) -> Watcher:
+    def make(inbox: Path, recorder: Recorder, state: Path | None = None, **overrides: float) -> Watcher:
+        timing = {"rescan_seconds": 0.5, "settle_seconds": 0.2, **overrides}
         settings = Settings(inbox=str(inbox), outbox=str(tmp_path / "out"), state_dir=state or tmp_path / "st",
-                            rescan_seconds=0.5, settle_seconds=0.2)
+                            **timing)
         inbox.mkdir(parents=True, exist_ok=True)
         watcher = Watcher(settings, FolderStore(inbox), str(inbox), str(tmp_path / "out"),
                           Ledger(settings.ledger_path), recorder.submit, lambda *_: None)
@@ -74,6 +75,29 @@ def test_a_slowly_written_image_becomes_one_job_after_it_settles(make_watcher, t
     time.sleep(2)
     assert len(recorder.calls) == 1
     assert recorder.calls[0].image_sha256 == __import__("hashlib").sha256(data).hexdigest()
+
+
+def test_a_drop_after_a_quiet_spell_is_looked_at_at_once(make_watcher, tmp_path: Path) -> None:
+    """The settle clock starts at the first look, so a look held back by a settle period adds
+    that period to every lone job's latency: one settle after the drop, not two."""
+    inbox, recorder = tmp_path / "in", Recorder()
+    watcher = make_watcher(inbox, recorder, settle_seconds=2.0, rescan_seconds=600)
+    time.sleep(2.5)  # longer than a settle period since the start-up look: a quiet spell
+    looks: list[float] = []
+    scan_once = watcher.scan_once
+
+    def counted_scan() -> object:
+        looks.append(time.monotonic())
+        return scan_once()
+
+    watcher.scan_once = counted_scan  # type: ignore[method-assign]
+    dropped = time.monotonic()
+    drop(inbox, "lone", {"prompt": "p"}, png_bytes())
+    wait_for(lambda: recorder.calls, timeout=20, what="submission")
+    submitted = time.monotonic()
+    assert looks and looks[0] - dropped < 1.0, "the first look waited for a settle period"
+    assert 2.0 <= submitted - dropped < 3.8, "recorded after one settle period"
+    assert len(recorder.calls) == 1
 
 
 def test_files_copied_into_a_new_subfolder_are_all_found(make_watcher, tmp_path: Path) -> None:
