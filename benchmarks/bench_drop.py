@@ -251,28 +251,35 @@ def _render_task_run(client: Any, flow_run_id: Any) -> Any:
 
 
 def _gpu_gaps(videos: list[dict[str, Any]]) -> dict[str, Any]:
-    """What each GPU worker did between two renders of a flood: per consecutive pair on one
-    worker, the start-to-start period minus the first render (the GPU's idle time per video),
-    split into the time between the two task runs and the time inside a task run around the
-    render (argument loading, result persistence)."""
+    """What each GPU worker's GPU did during a flood, from the render task runs' end times and
+    the render seconds the engine reports: a render occupied the model from (task end - render)
+    to task end (persisting its result after that takes ~10 ms). Per consecutive pair on one
+    worker, the idle gap between the two; per worker, the share of its busy span spent rendering.
+    With staging (I2VFLOW_GPU_WORKER_SLOTS=2) the next task run starts before the previous ends,
+    so task start times say nothing about the GPU; these measures hold for any slot count."""
     from prefect import get_client
 
     with get_client(sync_client=True) as client:
-        rows = [(str(v["engine"]["pid"]), _render_task_run(client, v["prefect"]["flow_run_id"]),
-                 v["timings_seconds"]["render_on_model"]) for v in videos]
-    idle, between, inside = [], [], []
+        rows = [(str(v["engine"]["pid"]), _render_task_run(client, v["prefect"]["flow_run_id"]).end_time.timestamp(),
+                 v["timings_seconds"]["render_on_model"], v["timings_seconds"].get("waiting_for_gpu", 0.0))
+                for v in videos]
+    gaps: list[float] = []
+    busy: list[float] = []
     for pid in {row[0] for row in rows}:
-        runs = sorted((r for r in rows if r[0] == pid), key=lambda r: r[1].start_time)
-        for (_, prev, prev_render), (_, nxt, _) in zip(runs, runs[1:], strict=False):
-            idle.append(nxt.start_time.timestamp() - prev.start_time.timestamp() - prev_render)
-            between.append(nxt.start_time.timestamp() - prev.end_time.timestamp())
-        inside += [(r[1].end_time - r[1].start_time).total_seconds() - r[2] for r in runs]
-    if not idle:
+        runs = sorted((r for r in rows if r[0] == pid), key=lambda r: r[1])
+        gaps += [(later[1] - later[2]) - earlier[1] for earlier, later in zip(runs, runs[1:], strict=False)]
+        span = runs[-1][1] - (runs[0][1] - runs[0][2])
+        busy.append(sum(r[2] for r in runs) / span)
+    if not gaps:
         return {}
-    return {"gpu_idle_per_video_s": round(statistics.median(idle), 3),
-            "between_task_runs_s": round(statistics.median(between), 3),
-            "in_task_around_render_s": round(statistics.median(inside), 3),
-            "gpu_idle_share_of_render": round(statistics.median(idle) / statistics.median(r[2] for r in rows), 4)}
+    render = statistics.median(r[2] for r in rows)
+    return {"gpu_gap_median_s": round(statistics.median(gaps), 3),
+            "gpu_gap_mean_s": round(statistics.mean(gaps), 3),
+            "gpu_gaps_s": [round(gap, 3) for gap in gaps],
+            "gpu_busy_share": round(statistics.mean(busy), 4),
+            "gpu_idle_over_render": round(1 / statistics.mean(busy) - 1, 4),
+            "gpu_gap_over_median_render": round(statistics.mean(gaps) / render, 4),
+            "waiting_for_gpu_s": [r[3] for r in sorted(rows, key=lambda r: r[1])]}
 
 
 def _flood(label: str, count: int, spec: dict[str, Any], inbox: Path, outbox: Path) -> dict[str, Any]:

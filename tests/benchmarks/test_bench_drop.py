@@ -16,14 +16,18 @@ def test_bench_drop_runs_the_service_with_two_gpu_workers(tmp_path: Path) -> Non
     out = tmp_path / "drop.json"
     # Its own Prefect server, not the test session's: a clean environment like an operator's shell.
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    subprocess.run([sys.executable, "-m", "benchmarks.bench_drop", "--jobs", "1", "--flood", "1",
+    subprocess.run([sys.executable, "-m", "benchmarks.bench_drop", "--jobs", "1", "--flood", "2",
                     "--gpu-workers", "2", "--out", str(out)], cwd=PROJECT_ROOT, env=env, check=True,
                    timeout=900, capture_output=True)
     report = json.loads(out.read_text())
     assert report["gpus"] == [None, None]
     assert len(report["jobs"]) == 1 and report["jobs"][0]["overhead_s"] > 0
     one, both = report["flood"]
-    assert (one["jobs"], both["jobs"]) == (1, 2)
-    assert sum(one["videos_per_gpu_worker"].values()) == 1
-    assert sum(both["videos_per_gpu_worker"].values()) == 2
+    assert (one["jobs"], both["jobs"]) == (2, 4)
+    assert sum(one["videos_per_gpu_worker"].values()) == 2
+    assert sum(both["videos_per_gpu_worker"].values()) == 4
+    # Where a lone job's time went, from Prefect's own timestamps; the GPU's gaps in a flood.
+    phases = report["jobs"][0]["phases_s"]
+    assert phases["run_created_to_flow_start"] > 0 and phases["render_task_end_to_video"] > 0
+    assert len(one["gpu_gaps_s"]) == 1 and 0 < one["gpu_busy_share"] <= 1.05
     assert report["scaling_videos_per_hour"] > 0
