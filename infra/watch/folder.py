@@ -20,7 +20,9 @@ class _Wake(FileSystemEventHandler):
         self._wake = wake
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.event_type != "opened":
+        # Reads (the watcher hashing a pair, a flow loading its inputs) change nothing; waking
+        # on them would spend the look that a drop arriving just then needs.
+        if event.event_type not in ("opened", "closed_no_write"):
             self._wake.set()
 
 

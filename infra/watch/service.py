@@ -25,6 +25,8 @@ from infra.settings import Settings
 from infra.store.base import ObjectInfo, Store, StoreError, UnsafeKeyError
 from infra.watch.scanner import Candidate, Settler, pair
 
+BURST_SECONDS = 0.1  # files copied together (an image and its spec) land within this
+
 log = structlog.get_logger("i2vflow.watcher")
 
 Submit = Callable[[JobTicket, str], str]  # (ticket, model) -> flow run id
@@ -195,11 +197,10 @@ class Watcher:
     def run(self, stop: threading.Event) -> None:
         """Scan until ``stop`` is set: at once on a hint, else every ``rescan_seconds``.
         Store or server failures back off exponentially (up to a minute), never crash."""
-        last_scan = 0.0
+        last_hinted_look = float("-inf")
         while not stop.is_set():
             probe = None
             try:
-                last_scan = time.monotonic()
                 report = self.scan_once()
                 self._backoff = 0.0 if not report.submit_errors else self._next_backoff()
                 probe = self.server_back
@@ -214,10 +215,13 @@ class Watcher:
             wait = self.settings.settle_seconds if pending_settle else self.settings.rescan_seconds
             woke = self.wake.wait(timeout=max(wait, 0.05))
             if woke:
-                # The first hint after a quiet spell is scanned at once (that look starts the
-                # settle clock); during a burst of events, at most one look per settle_seconds.
+                # A hint after a quiet spell is looked at almost at once (that look starts the
+                # settle clock), after BURST_SECONDS so that an image and its spec copied together
+                # are both in it. During a burst of events, one hinted look per settle_seconds.
                 self.wake.clear()
-                stop.wait(max(0.0, last_scan + self.settings.settle_seconds - time.monotonic()))
+                next_look = max(last_hinted_look + self.settings.settle_seconds, time.monotonic() + BURST_SECONDS)
+                stop.wait(max(0.0, next_look - time.monotonic()))
+                last_hinted_look = time.monotonic()
 
     def _maybe_reconcile(self) -> None:
         if self.reconcile is None or time.monotonic() < self._next_reconcile:
