@@ -166,13 +166,23 @@ def _check_gpu_limit(client: Any, settings: Settings) -> Check:
     if limit.concurrency_limit < 1:
         return Check("gpu concurrency limit", PROBLEM, f"limit on tag 'gpu' is {limit.concurrency_limit}: "
                      "no render can start", f"`prefect concurrency-limit create gpu {settings.gpu_limit}`")
+    wanted = len(_render_workers(client)) * settings.gpu_worker_slots
+    if limit.concurrency_limit < wanted:
+        return Check("gpu concurrency limit", WARN, f"tag 'gpu' has {limit.concurrency_limit} slot(s) for "
+                     f"{wanted // settings.gpu_worker_slots} GPU worker(s) x {settings.gpu_worker_slots} "
+                     "(I2VFLOW_GPU_WORKER_SLOTS): staged renders wait for a slot and the GPUs idle between renders",
+                     f"`prefect concurrency-limit create gpu {wanted}`")
     return Check("gpu concurrency limit", OK, f"tag 'gpu': {held} of {limit.concurrency_limit} slot(s) in use")
 
 
-def _check_task_worker(client: Any, settings: Settings) -> Check:
-    """Prefect's own record of task workers subscribed over a websocket (any host)."""
+def _render_workers(client: Any) -> list[dict[str, Any]]:
+    """Prefect's own record of task workers subscribed to the render task over a websocket (any host)."""
     response = client.request("POST", "/task_workers/filter", json={})
-    workers = [w for w in response.json() if any(key.startswith(RENDER_TASK_KEY) for key in w.get("task_keys", []))]
+    return [w for w in response.json() if any(key.startswith(RENDER_TASK_KEY) for key in w.get("task_keys", []))]
+
+
+def _check_task_worker(client: Any, settings: Settings) -> Check:
+    workers = _render_workers(client)
     if not workers:
         return Check("gpu task worker", PROBLEM, f"no task worker serves {RENDER_TASK!r}: renders wait forever",
                      "start one per GPU: `i2vflow gpu-worker` (with the same PREFECT_API_URL and result storage)")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.doctor import OK, PROBLEM, SKIPPED, run_checks
+from infra.doctor import OK, PROBLEM, SKIPPED, WARN, run_checks
 from infra.service import PROJECT_ROOT
 from infra.settings import Settings
 from tests.helpers import wait_for
@@ -35,10 +35,12 @@ def _doctor_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[
 
 def test_all_ok_on_the_running_service(service, prefect_api: str, settings: Settings) -> None:
     # The service fixture does not wait for its workers; neither does an operator after `up`.
+    # (A GPU worker killed by another test stays listed by Prefect until its socket is found dead.)
     reports = []
     try:
-        wait_for(lambda: reports.append(run_checks(settings, prefect_api)) or reports[-1].ok, timeout=180,
-                 interval=2, what="the workers to come up")
+        wait_for(lambda: reports.append(run_checks(settings, prefect_api)) or
+                 all(c.status == OK for c in reports[-1].checks), timeout=180, interval=2,
+                 what="the workers to come up")
     finally:
         text = reports[-1].render()
         print(text)
@@ -56,6 +58,17 @@ def test_all_ok_on_the_running_service(service, prefect_api: str, settings: Sett
     result = _doctor_cli(env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "all checks passed" in result.stdout and "PROBLEM" not in result.stdout
+
+
+def test_too_few_gpu_slots_for_staged_renders_is_a_warning_with_the_number(service, prefect_api: str,
+                                                                          settings: Settings) -> None:
+    """The session's limit (2) fits its one GPU worker x 2 slots; a fleet set to 3 slots does not."""
+    wait_for(lambda: run_checks(settings, prefect_api).get("gpu task worker").status == OK, timeout=180,
+             interval=2, what="the GPU worker to subscribe")
+    check = run_checks(settings.model_copy(update={"gpu_worker_slots": 3}), prefect_api).get("gpu concurrency limit")
+    assert check.status == WARN, check
+    assert "2 slot(s) for 1 GPU worker(s) x 3" in check.detail
+    assert check.fix == "`prefect concurrency-limit create gpu 3`"
 
 
 def test_a_wrong_inbox_is_named_with_a_fix(prefect_api: str, settings: Settings, tmp_path: Path) -> None:
