@@ -49,6 +49,29 @@ def test_same_seed_gives_identical_frames_and_another_seed_does_not(
     assert not np.array_equal(first, other)
 
 
+def test_two_renders_at_once_take_turns_and_match_lone_renders(engine: Engine, make_request: MakeRequest) -> None:
+    """A GPU worker with two slots calls render from two threads: one waits for the other
+    (and says how long), and neither output depends on the other (seeding is per render)."""
+    import threading
+
+    requests = [make_request(seed=11, steps=6), make_request(seed=12, steps=6)]
+    alone = [engine.render(request) for request in requests]
+    together: list[Any] = [None, None]
+    threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, engine.render(requests[i])))
+               for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+
+    for lone, paired in zip(alone, together, strict=True):
+        np.testing.assert_array_equal(lone.frames, paired.frames)
+    first, second = sorted(together, key=lambda result: result.wait_seconds)
+    assert first.wait_seconds < 0.5 * first.render_seconds
+    assert second.wait_seconds >= 0.5 * first.render_seconds, "the second render did not wait its turn"
+    assert all(result.wait_seconds == 0.0 for result in alone)
+
+
 def test_non_square_size_and_negative_prompt(engine: Engine, make_request: MakeRequest) -> None:
     result = engine.render(
         make_request(width=96, height=48, num_frames=4, negative_prompt="blurry, dark")
