@@ -41,7 +41,7 @@ from infra.service import (
     start_workers,
 )
 from infra.settings import Settings
-from tests.helpers import png_bytes
+from tests.helpers import png_bytes, render_task_run
 from tests.ports import free_port
 
 
@@ -92,15 +92,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sup.env.pop("PREFECT_API_URL")
     sup.env["PREFECT_HOME"] = str(state / "prefect")
     command = "python -m benchmarks.bench_drop " + " ".join(sys.argv[1:] if argv is None else argv)
+    slots = Settings().gpu_worker_slots
     summary: dict[str, Any] = {"command": command, "model": args.model, "gpus": gpus, "cpus": os.cpu_count(),
-                               "gpu_worker_slots": Settings().gpu_worker_slots}
+                               "gpu_worker_slots": slots}
     try:
         api = start_prefect_server(sup, free_port(), lambda m: None)
         sup.env = prefect_env(api, state, {"I2VFLOW_MODEL_CACHE": str(work / "models"), "I2VFLOW_MODEL": model,
                                            "I2VFLOW_STATE_DIR": str(state), "PREFECT_HOME": str(state / "prefect"),
                                            "I2VFLOW_GPU_WORKER_METRICS_PORT": "0"})
         os.environ.update({k: sup.env[k] for k in ("PREFECT_API_URL", "PREFECT_LOCAL_STORAGE_PATH")})
-        apply_deployments(sup.env, "i2vflow", len(gpus) * Settings().gpu_worker_slots)
+        apply_deployments(sup.env, "i2vflow", len(gpus) * slots)
         started = time.time()
         start_workers(sup, "i2vflow", gpus[:1])
         summary["first_gpu_worker_ready_s"] = _wait_ready(sup, 1, args.ready_timeout) - started
@@ -192,7 +193,7 @@ def _one_job(stem: str, spec: dict[str, Any], inbox: Path, outbox: Path, watcher
 
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(data["prefect"]["flow_run_id"])
-        phases = _phases(client, run, data)
+    phases = _phases(run, data)
     detected = watcher.ledger._query("SELECT created_at FROM jobs WHERE job_id=?", (data["job_id"],))[0][0]  # type: ignore[attr-defined]
     render = data["timings_seconds"]["render_on_model"]
     return {
@@ -207,11 +208,11 @@ def _one_job(stem: str, spec: dict[str, Any], inbox: Path, outbox: Path, watcher
     }
 
 
-def _phases(client: Any, run: Any, sidecar: dict[str, Any]) -> dict[str, float]:
+def _phases(run: Any, sidecar: dict[str, Any]) -> dict[str, float]:
     """Where a lone job's time goes after its flow run exists, from the run's and its task runs'
     own timestamps: waiting for a process worker and a fresh flow-run process, the flow's steps,
     the hand-over to the GPU worker, and what follows the render."""
-    render = _render_task_run(client, run.id)
+    render = render_task_run(run.id)
     render_s = sidecar["timings_seconds"]["render_on_model"]
 
     def gap(a: Any, b: Any) -> float:
@@ -242,14 +243,6 @@ def _latency_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _render_task_run(client: Any, flow_run_id: Any) -> Any:
-    """The last render-frames task run a flow run submitted (earlier ones lost their worker)."""
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return max((t for t in tasks if t.name.startswith("render-frames")), key=lambda t: t.created)
-
-
 def _gpu_gaps(videos: list[dict[str, Any]]) -> dict[str, Any]:
     """What each GPU worker's GPU did during a flood, from the render task runs' end times and
     the render seconds the engine reports: a render occupied the model from (task end - render)
@@ -257,12 +250,8 @@ def _gpu_gaps(videos: list[dict[str, Any]]) -> dict[str, Any]:
     worker, the idle gap between the two; per worker, the share of its busy span spent rendering.
     With staging (I2VFLOW_GPU_WORKER_SLOTS=2) the next task run starts before the previous ends,
     so task start times say nothing about the GPU; these measures hold for any slot count."""
-    from prefect import get_client
-
-    with get_client(sync_client=True) as client:
-        rows = [(str(v["engine"]["pid"]), _render_task_run(client, v["prefect"]["flow_run_id"]).end_time.timestamp(),
-                 v["timings_seconds"]["render_on_model"], v["timings_seconds"].get("waiting_for_gpu", 0.0))
-                for v in videos]
+    rows = [(str(v["engine"]["pid"]), render_task_run(v["prefect"]["flow_run_id"]).end_time.timestamp(),
+             v["timings_seconds"]["render_on_model"], v["timings_seconds"]["waiting_for_gpu"]) for v in videos]
     gaps: list[float] = []
     busy: list[float] = []
     for pid in {row[0] for row in rows}:

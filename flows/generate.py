@@ -108,7 +108,7 @@ def build_sidecar(ticket: JobTicket, job: PreparedJob, rendered: RenderedFrames,
         "width": video.width, "height": video.height,
         "timings_seconds": {**timings, "model_load": engine["load_seconds"],
                             "render_on_model": engine["render_seconds"],
-                            "waiting_for_gpu": engine.get("wait_seconds", 0.0)},
+                            "waiting_for_gpu": engine["wait_seconds"]},
         "engine": {k: engine[k] for k in ("device", "dtype", "memory_mode", "pid", "model_loads_in_process",
                                           "oom_fallback_used", "speed", "steps_run")},
         # url_for gives the UI's current /runs/flow-run/<id> path (runtime.flow_run.ui_url is stale).

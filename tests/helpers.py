@@ -74,3 +74,13 @@ def flow_runs_named(names: list[str]) -> list[Any]:
 
     with get_client(sync_client=True) as client:
         return client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=names)))
+
+
+def render_task_run(flow_run_id: Any) -> Any:
+    """The last render-frames task run a flow run submitted (earlier ones lost their worker)."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return max((run for run in runs if run.name.startswith("render-frames")), key=lambda run: run.created)

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from infra.engine.video import probe_mp4
-from tests.helpers import drop, png_bytes, wait_for
+from tests.helpers import drop, png_bytes, render_task_run, wait_for
 
 # Long enough on a CPU (several seconds) that the later jobs reach the worker mid-render.
 SLOW_SPEC = {"prompt": "camera slowly zooming in, clouds moving", "num_frames": 16, "steps": 40}
@@ -21,15 +21,6 @@ SLOW_SPEC = {"prompt": "camera slowly zooming in, clouds moving", "num_frames": 
 def _sidecar(path: Path) -> dict:
     wait_for(path.exists, timeout=300, what=str(path))
     return json.loads(path.read_text())
-
-
-def _render_task_run(flow_run_id: str) -> object:
-    from prefect import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return max((r for r in runs if r.name.startswith("render-frames")), key=lambda r: r.created)
 
 
 def test_the_next_render_is_staged_while_the_gpu_renders_and_never_shares_it(start_watcher, tmp_path: Path) -> None:
@@ -43,7 +34,7 @@ def test_the_next_render_is_staged_while_the_gpu_renders_and_never_shares_it(sta
     assert all(probe_mp4(outbox / f"{stem}.mp4").frames == 16 for stem in stems)
     assert len({s["engine"]["pid"] for s in sidecars}) == 1, "one GPU worker rendered all three"
 
-    renders = sorted(((_render_task_run(s["prefect"]["flow_run_id"]), s["timings_seconds"]) for s in sidecars),
+    renders = sorted(((render_task_run(s["prefect"]["flow_run_id"]), s["timings_seconds"]) for s in sidecars),
                      key=lambda pair: pair[0].end_time)
     for (earlier, _), (later, timings) in zip(renders, renders[1:], strict=False):
         # One on the model at a time: the later render began on the model after the earlier ended.
