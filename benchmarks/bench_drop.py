@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                            "I2VFLOW_GPU_WORKER_METRICS_PORT": "0"})
         os.environ.update({k: sup.env[k] for k in ("PREFECT_API_URL", "PREFECT_LOCAL_STORAGE_PATH")})
         apply_deployments(sup.env, "i2vflow", len(gpus) * slots)
+        summary["flow_command"] = _flow_command()
         started = time.time()
         start_workers(sup, "i2vflow", gpus[:1])
         summary["first_gpu_worker_ready_s"] = _wait_ready(sup, 1, args.ready_timeout) - started
@@ -132,6 +133,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.out.write_text(json.dumps(summary, indent=2))
     print(json.dumps({k: v for k, v in summary.items() if k != "jobs"}, indent=2))
     return summary
+
+
+def _flow_command() -> str | None:
+    """The command the process worker starts each flow run with (None: Prefect's default, a
+    workspace supervisor that starts the engine as a second process)."""
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_deployment_by_name(Settings().deployment).job_variables.get("command")
 
 
 def _model(name: str, cache: Path) -> str:

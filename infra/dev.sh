@@ -31,7 +31,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 
-export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" PREFECT_SERVER_ANALYTICS_ENABLED=false
+# The venv's bin first on PATH, as if activated: flow runs start as `python3 -m prefect.engine`.
+export PATH="$(cd "$venv/bin" && pwd):$PATH" HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" PREFECT_SERVER_ANALYTICS_ENABLED=false
 if [ "$command" = up ]; then
   exec "$venv/bin/i2vflow" up
 fi

@@ -9,6 +9,10 @@ in the outbox, removed at once), and a problem comes with the fix. Exit code 1 o
 from __future__ import annotations
 
 import os
+import shlex
+import shutil
+import subprocess
+import sys
 import time
 import urllib.request
 import uuid
@@ -65,7 +69,7 @@ def run_checks(settings: Settings, api_url: str | None = None, gpu_metrics_url: 
     if server_up:
         _with_client(report, api, settings)
     else:
-        for name in ("work pool", "deployment", "gpu concurrency limit", "gpu task worker"):
+        for name in ("work pool", "deployment", "flow command", "gpu concurrency limit", "gpu task worker"):
             report.checks.append(Check(name, SKIPPED, "not checked: the Prefect server does not answer"))
     if gpu_metrics_url is None and settings.gpu_worker_metrics_port:
         gpu_metrics_url = f"http://127.0.0.1:{settings.gpu_worker_metrics_port}/metrics"
@@ -104,7 +108,7 @@ def _with_client(report: Report, api: str, settings: Settings) -> None:
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
-        for check in (_check_pool, _check_deployment, _check_gpu_limit, _check_task_worker):
+        for check in (_check_pool, _check_deployment, _check_flow_command, _check_gpu_limit, _check_task_worker):
             try:
                 report.checks.append(check(client, settings))
             except Exception as exc:  # one failing check must not hide the others
@@ -152,6 +156,32 @@ def _check_deployment(client: Any, settings: Settings) -> Check:
                      f"{deployment.work_pool_name!r}, not {settings.work_pool!r}",
                      "fix the pool in prefect.yaml or I2VFLOW_WORK_POOL, then deploy again")
     return Check("deployment", OK, f"{settings.deployment!r} on pool {deployment.work_pool_name!r}")
+
+
+def _check_flow_command(client: Any, settings: Settings) -> Check:
+    """The deployment's engine command (prefect.yaml) looked up on this PATH, as a worker started
+    from this shell would: another interpreter than i2vflow's would crash every flow run on import."""
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        deployment = client.read_deployment_by_name(settings.deployment)
+    except ObjectNotFound:
+        return Check("flow command", SKIPPED, "not checked: no deployment")
+    command = (deployment.job_variables or {}).get("command")
+    if not command:
+        return Check("flow command", OK, "flow runs start with the worker's own interpreter")
+    program = shlex.split(command)[0]
+    fix = (f"put {Path(sys.executable).parent} first on the worker's PATH "
+           "(activate the environment; `i2vflow up` does it)")
+    found = shutil.which(program)
+    if found is None:
+        return Check("flow command", PROBLEM, f"{program!r} of {command!r} is not on PATH: no flow run can start", fix)
+    probe = subprocess.run([found, "-c", "import sys; print(sys.prefix)"], capture_output=True, text=True, timeout=60)
+    prefix = probe.stdout.strip()
+    if probe.returncode != 0 or Path(prefix).resolve() != Path(sys.prefix).resolve():
+        return Check("flow command", PROBLEM, f"{program!r} on PATH is {found} (environment {prefix or '?'}), not "
+                     f"i2vflow's ({sys.prefix}): flow runs would crash on import", fix)
+    return Check("flow command", OK, f"{command!r} runs {found}")
 
 
 def _check_gpu_limit(client: Any, settings: Settings) -> Check:

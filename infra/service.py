@@ -29,6 +29,9 @@ def prefect_env(api_url: str, state_dir: Path, extra: dict[str, str] | None = No
     """
     env = dict(os.environ)
     env.update({
+        # prefect.yaml starts flow runs with `python3 -m prefect.engine` from the worker's PATH:
+        # this interpreter's, whether or not its virtual environment was activated.
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", os.defpath)]),
         "PREFECT_API_URL": api_url,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_LOCAL_STORAGE_PATH": str((state_dir / "prefect-results").resolve()),

@@ -20,7 +20,8 @@ from tests.ports import free_port
 
 
 @pytest.fixture
-def settings(service, tiny_model_cache: Path, tmp_path: Path) -> Settings:
+def settings(service, tiny_model_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    monkeypatch.setenv("PATH", service.env["PATH"])  # the doctor judges the PATH the workers have
     (tmp_path / "inbox").mkdir()
     (tmp_path / "outbox").mkdir()
     return Settings(inbox=str(tmp_path / "inbox"), outbox=str(tmp_path / "outbox"), state_dir=tmp_path / "state",
@@ -46,7 +47,7 @@ def test_all_ok_on_the_running_service(service, prefect_api: str, settings: Sett
         print(text)
     report = reports[-1]
     assert {c.name: c.status for c in report.checks} == {
-        "prefect server": OK, "work pool": OK, "deployment": OK, "gpu concurrency limit": OK,
+        "prefect server": OK, "work pool": OK, "deployment": OK, "flow command": OK, "gpu concurrency limit": OK,
         "gpu task worker": OK, "gpu worker metrics": OK, "inbox": OK, "outbox": OK, "state dir": OK,
         "model cache": OK}, text
     assert "live worker" in report.get("work pool").detail
@@ -69,6 +70,26 @@ def test_too_few_gpu_slots_for_staged_renders_is_a_warning_with_the_number(servi
     assert check.status == WARN, check
     assert "2 slot(s) for 1 GPU worker(s) x 3" in check.detail
     assert check.fix == "`prefect concurrency-limit create gpu 3`"
+
+
+def test_flow_command_on_a_path_without_this_environment_is_a_problem_with_a_fix(
+        service, prefect_api: str, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """prefect.yaml starts flow runs as `python3 -m prefect.engine`: a worker whose PATH finds no
+    python3, or another environment's, would fail every run; the doctor names the interpreter."""
+    monkeypatch.setenv("PATH", str(tmp_path))
+    check = run_checks(settings, prefect_api).get("flow command")
+    assert check.status == PROBLEM and "'python3' of 'python3 -m prefect.engine' is not on PATH" in check.detail
+    assert str(Path(sys.executable).parent) in check.fix
+
+    other = tmp_path / "python3"  # an interpreter of some other environment
+    other.write_text("#!/bin/sh\necho /opt/other-env\n")
+    other.chmod(0o755)
+    check = run_checks(settings, prefect_api).get("flow command")
+    assert check.status == PROBLEM and f"is {other} (environment /opt/other-env)" in check.detail, check
+
+    monkeypatch.setenv("PATH", service.env["PATH"])
+    check = run_checks(settings, prefect_api).get("flow command")
+    assert check.status == OK and "runs " in check.detail, check
 
 
 def test_a_wrong_inbox_is_named_with_a_fix(prefect_api: str, settings: Settings, tmp_path: Path) -> None:
