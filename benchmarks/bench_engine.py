@@ -69,6 +69,7 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "dpm25": {"preset": "stock", "scheduler": "dpm++", "max_steps": 25},
     "fast-dpm25": {"preset": "fast", "scheduler": "dpm++", "max_steps": 25},
     "fast-short-attn": {"preset": "fast", "short_attention": True},
+    "fast-device-timesteps": {"preset": "fast", "host_timesteps": False},
     "fast-fp8": {"preset": "fast", "fp8_linear": True},
     "fast-blocks": {"preset": "fast", "compile_scope": "blocks"},
     "fast-all": {"preset": "fast", "short_attention": True, "fp8_linear": True, "compile_vae": True},
@@ -97,6 +98,7 @@ class VariantResult:
     drift_rel_l2: float | None = None
     drift_max_abs: float | None = None
     nonfinite: bool | None = None
+    host_syncs: int | None = None
     memory_mode: str | None = None
     dtype: str | None = None
     speed: dict[str, Any] | None = None
@@ -353,6 +355,7 @@ class Bench:
             result.drift_rel_l2, result.drift_max_abs = frames_drift(frames, self.reference)
             if is_cuda:
                 result.peak_gib = gib(torch.cuda.max_memory_allocated())
+                result.host_syncs = count_host_syncs(call)
             if self.stock_median:
                 result.speedup_vs_stock = round(self.stock_median / result.median_seconds, 3)
             if name == self.args.profile:
@@ -372,6 +375,24 @@ class Bench:
             if is_cuda:
                 torch.cuda.set_per_process_memory_fraction(1.0)
         return result
+
+
+def count_host_syncs(call: Callable[[], np.ndarray]) -> int:
+    """Operations in one more call that made the host wait for the GPU (PyTorch's sync debug
+    mode warns on each: a GPU value read back, a blocking copy). A sync inside the denoising loop
+    drains the launch queue once per step."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            call()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def environment(device: str) -> dict[str, Any]:
@@ -420,12 +441,12 @@ def markdown_table(report: dict[str, Any]) -> str:
         f"{report.get('flops_per_video_tflop')} TFLOP.",
         "",
         "| variant | s/video (median) | x stock | first call s | load s | peak GiB | TFLOP/s "
-        "| share of peak | drift rel L2 | memory mode | levers |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| share of peak | drift rel L2 | host syncs | memory mode | levers |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in report["variants"]:
         if r["status"] != "ok":
-            lines.append(f"| {r['name']} | {r['status']}: {r['error'] or ''} |  |  |  |  |  |  |  |  |  |")
+            lines.append(f"| {r['name']} | {r['status']}: {r['error'] or ''} |  |  |  |  |  |  |  |  |  |  |")
             continue
         speed = r.get("speed") or {}
         levers = ", ".join(
@@ -437,7 +458,8 @@ def markdown_table(report: dict[str, Any]) -> str:
         lines.append(
             f"| {r['name']} | {r['median_seconds']} | {r['speedup_vs_stock']} | "
             f"{r['first_call_seconds']} | {r['load_seconds']} | {r['peak_gib']} | {r['tflops']} | "
-            f"{r['share_of_matmul_peak']} | {r['drift_rel_l2']} | {r['memory_mode']} | {levers} |"
+            f"{r['share_of_matmul_peak']} | {r['drift_rel_l2']} | {r.get('host_syncs')} | {r['memory_mode']} | "
+            f"{levers} |"
         )
     if report.get("second_start"):
         s = report["second_start"]

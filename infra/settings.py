@@ -74,6 +74,8 @@ class Settings(BaseSettings):
                                      "preset's choice.")
     short_attention: bool | None = Field(None, description="Temporal self-attention through a Triton kernel "
                                          "(CUDA); unset: the preset's choice (on in fast).")
+    host_timesteps: bool | None = Field(None, description="Scheduler timesteps on the host: no host sync per "
+                                        "denoising step; unset: the preset's choice (on in fast).")
     fp8_linear: bool = Field(False, description="Transformers' Linear layers as fp8 matmuls (Ada/Hopper; "
                              "changes numerics, docs/performance.md gives the drift).")
     scheduler: Literal["default", "dpm++"] = Field("default", description="Quality-trading, opt-in: "

@@ -110,7 +110,8 @@ def engine_options() -> Any:
     return EngineOptions(device=settings.device, dtype=settings.dtype,
                          memory_mode=settings.memory_mode, oom_fallback=settings.oom_fallback,
                          preset=settings.speed_preset, compile_scope=settings.compile_scope, aot=settings.compile_aot,
-                         short_attention=settings.short_attention, fp8_linear=settings.fp8_linear,
+                         short_attention=settings.short_attention, host_timesteps=settings.host_timesteps,
+                         fp8_linear=settings.fp8_linear,
                          scheduler=settings.scheduler, max_steps=settings.max_steps)
 
 

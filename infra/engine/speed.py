@@ -13,7 +13,8 @@ Presets:
   inductor with fused QKV projections, channels-last convolutions, the temporal
   self-attention through a Triton kernel (``short_attention``) and the VAE decoder compiled
   too, both ahead of time into AOTInductor packages on disk (``aot``, one per shape), so a
-  worker's later starts load them instead of re-tracing with Dynamo.
+  worker's later starts load them instead of re-tracing with Dynamo; and the scheduler's
+  timesteps kept on the host (``host_timesteps``), so the denoising loop has no host sync.
 - ``auto`` (default): ``fast`` on CUDA, ``stock`` elsewhere (on a CPU nothing changes).
 
 Levers outside every preset (measured, opt-in): ``compile_scope="blocks"`` (compile the
@@ -42,6 +43,7 @@ import structlog
 import torch
 
 from infra.engine import aot, fp8, short_attention
+from infra.engine.host_timesteps import keep_timesteps_on_host
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
@@ -77,6 +79,7 @@ class SpeedPlan:
     compile_scope: str = "model"
     aot: bool = False
     short_attention: bool = False
+    host_timesteps: bool = False
     fp8_linear: bool = False
     scheduler: str = "default"  # quality-trading (opt-in only)
     max_steps: int | None = None  # quality-trading (opt-in only)
@@ -98,8 +101,10 @@ PRESETS: dict[str, SpeedPlan] = {
     # 6.33-6.56 s against stock's 11.5-11.7 s, output within fp16 rounding of the compiled UNet's.
     # AOTInductor packages (``aot``) instead of Dynamo at every start: as fast (6.17 s), and a
     # worker's second start is ready 16.6 s after its process starts instead of 52 s.
+    # Timesteps on the host: no host sync per step, so a busy GPU worker's other threads
+    # (storing the last result, staging the next job) cannot stall the GPU mid-render.
     "fast": SpeedPlan(preset="fast", compile="default", fuse_qkv=True, channels_last=True,
-                      short_attention=True, compile_vae=True, aot=True),
+                      short_attention=True, compile_vae=True, aot=True, host_timesteps=True),
 }
 
 
@@ -154,6 +159,8 @@ def resolve_plan(options: EngineOptions, device: str, memory_mode: str) -> Speed
         overrides["short_attention"] = options.short_attention
     if options.aot is not None:
         overrides["aot"] = options.aot
+    if options.host_timesteps is not None:
+        overrides["host_timesteps"] = options.host_timesteps
     plan = replace(plan, **overrides, compile_scope=options.compile_scope, fp8_linear=options.fp8_linear,
                    scheduler=options.scheduler, max_steps=options.max_steps)
     skipped: list[str] = []
@@ -258,6 +265,8 @@ def apply_plan(pipeline: DiffusionPipeline, plan: SpeedPlan) -> SpeedPlan:
 
         # Same noise schedule (betas, zero-SNR rescaling, spacing) as the model's own scheduler.
         pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)
+    if plan.host_timesteps:
+        keep_timesteps_on_host(pipeline)
     if plan.cudnn_benchmark:
         # Process-wide: cuDNN times its convolution algorithms once per shape and keeps the
         # fastest (the UNet's shapes are fixed per request shape).

@@ -84,6 +84,8 @@ def test_fast_on_cuda_plans_the_measured_levers(monkeypatch: pytest.MonkeyPatch)
     assert blocks.skipped == ("aot (packages whole models; compile_scope=blocks)",)
     off = resolve_plan(EngineOptions(preset="fast", short_attention=False), "cuda", "full")
     assert off.short_attention is False
+    assert plan.host_timesteps is True and PRESETS["stock"].host_timesteps is False
+    assert resolve_plan(EngineOptions(preset="fast", host_timesteps=False), "cuda", "full").host_timesteps is False
 
 
 def test_bad_compile_scope_names_the_field() -> None:

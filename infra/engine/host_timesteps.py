@@ -1,0 +1,52 @@
+"""Keep the scheduler's timesteps on the host, so the denoising loop never waits for the GPU.
+
+Why: the pipeline puts the timesteps on the GPU, and DDIM reads them back on every step (it
+indexes its CPU table of alphas with the CUDA timestep, then tests ``prev_timestep >= 0``): two
+host syncs per step, each of which drains the launch queue. A lone render hardly notices, but
+in a GPU worker the rendering thread shares the GIL with the previous job's result being stored
+and the next job being staged; after each sync the GPU idles until that thread gets the GIL back
+(measured on H200: staged renders 0.25 s slower than lone ones). With the timesteps on the host,
+the scheduler's arithmetic runs on host scalars, the UNet gets each timestep copied without a
+sync, and the CPU can queue work ahead of the GPU. The arithmetic is the same: same table, same
+float32 values.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
+
+
+def keep_timesteps_on_host(pipeline: DiffusionPipeline) -> None:
+    """Apply to ``pipeline`` after its scheduler is final (``scheduler=dpm++`` replaces it)."""
+    scheduler = pipeline.scheduler
+    set_timesteps = scheduler.set_timesteps
+
+    def set_timesteps_on_host(*args: Any, device: Any = None, **kwargs: Any) -> None:
+        set_timesteps(*args, device="cpu", **kwargs)
+
+    scheduler.set_timesteps = set_timesteps_on_host
+    pipeline.unet.register_forward_pre_hook(timestep_to_sample_device, with_kwargs=True)
+
+
+def timestep_to_sample_device(
+    module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """UNet pre-hook: a host timestep goes to the sample's device without a sync (a scalar
+    from pageable memory is staged at once; the copy is ordered on the stream)."""
+    sample = args[0] if args else kwargs["sample"]
+    if len(args) > 1:
+        timestep = args[1]
+        if _on_other_device(timestep, sample):
+            args = (args[0], timestep.to(sample.device, non_blocking=True), *args[2:])
+    elif _on_other_device(kwargs.get("timestep"), sample):
+        kwargs = {**kwargs, "timestep": kwargs["timestep"].to(sample.device, non_blocking=True)}
+    return args, kwargs
+
+
+def _on_other_device(timestep: Any, sample: torch.Tensor) -> bool:
+    return isinstance(timestep, torch.Tensor) and timestep.device != sample.device
