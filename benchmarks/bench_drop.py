@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     command = "python -m benchmarks.bench_drop " + " ".join(sys.argv[1:] if argv is None else argv)
     slots = Settings().gpu_worker_slots
     summary: dict[str, Any] = {"command": command, "model": args.model, "gpus": gpus, "cpus": os.cpu_count(),
-                               "gpu_worker_slots": slots}
+                               "gpu_worker_slots": slots, "bytecode": _bytecode()}
     try:
         api = start_prefect_server(sup, free_port(), lambda m: None)
         sup.env = prefect_env(api, state, {"I2VFLOW_MODEL_CACHE": str(work / "models"), "I2VFLOW_MODEL": model,
@@ -133,6 +133,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.out.write_text(json.dumps(summary, indent=2))
     print(json.dumps({k: v for k, v in summary.items() if k != "jobs"}, indent=2))
     return summary
+
+
+def _bytecode() -> dict[str, bool]:
+    """Whether flow processes start from compiled bytecode: without it each one compiles Prefect
+    from source (1.2 s more per flow start on an H200 host whose image sets PYTHONDONTWRITEBYTECODE
+    and whose packages were installed without bytecode; docs/performance.md)."""
+    import importlib.util
+
+    import prefect
+
+    compiled = Path(importlib.util.cache_from_source(prefect.__file__)).exists()
+    return {"prefect_precompiled": compiled, "writes_bytecode": not sys.dont_write_bytecode}
 
 
 def _flow_command() -> str | None:

@@ -22,6 +22,7 @@ def test_bench_drop_runs_the_service_with_two_gpu_workers(tmp_path: Path) -> Non
     report = json.loads(out.read_text())
     assert report["gpus"] == [None, None]
     assert report["flow_command"] == "python3 -m prefect.engine"  # one process per flow run (prefect.yaml)
+    assert set(report["bytecode"]) == {"prefect_precompiled", "writes_bytecode"}
     assert len(report["jobs"]) == 1 and report["jobs"][0]["overhead_s"] > 0
     one, both = report["flood"]
     assert (one["jobs"], both["jobs"]) == (2, 4)
