@@ -141,9 +141,8 @@ def _bytecode() -> dict[str, bool]:
     and whose packages were installed without bytecode; docs/performance.md)."""
     import importlib.util
 
-    import prefect
-
-    compiled = Path(importlib.util.cache_from_source(prefect.__file__)).exists()
+    spec = importlib.util.find_spec("prefect")  # not imported here: its settings are read at import
+    compiled = spec is not None and Path(importlib.util.cache_from_source(str(spec.origin))).exists()
     return {"prefect_precompiled": compiled, "writes_bytecode": not sys.dont_write_bytecode}
 
 
