@@ -31,8 +31,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 
-# The venv's bin first on PATH, as if activated: flow runs start as `python3 -m prefect.engine`.
-export PATH="$(cd "$venv/bin" && pwd):$PATH" HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" PREFECT_SERVER_ANALYTICS_ENABLED=false
+export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" PREFECT_SERVER_ANALYTICS_ENABLED=false
 if [ "$command" = up ]; then
   exec "$venv/bin/i2vflow" up
 fi

@@ -41,13 +41,13 @@ def timestep_to_sample_device(
     from pageable memory is staged at once; the copy is ordered on the stream)."""
     sample = args[0] if args else kwargs["sample"]
     if len(args) > 1:
-        timestep = args[1]
-        if _on_other_device(timestep, sample):
-            args = (args[0], timestep.to(sample.device, non_blocking=True), *args[2:])
-    elif _on_other_device(kwargs.get("timestep"), sample):
-        kwargs = {**kwargs, "timestep": kwargs["timestep"].to(sample.device, non_blocking=True)}
+        args = (args[0], _to_device_of(args[1], sample), *args[2:])
+    elif "timestep" in kwargs:
+        kwargs = {**kwargs, "timestep": _to_device_of(kwargs["timestep"], sample)}
     return args, kwargs
 
 
-def _on_other_device(timestep: Any, sample: torch.Tensor) -> bool:
-    return isinstance(timestep, torch.Tensor) and timestep.device != sample.device
+def _to_device_of(timestep: Any, sample: torch.Tensor) -> Any:
+    if isinstance(timestep, torch.Tensor) and timestep.device != sample.device:
+        return timestep.to(sample.device, non_blocking=True)
+    return timestep
