@@ -14,7 +14,9 @@ from pathlib import Path
 from infra.engine.video import probe_mp4
 from tests.helpers import drop, png_bytes, render_task_run, wait_for
 
-# Long enough on a CPU (several seconds) that the later jobs reach the worker mid-render.
+# The first job renders long enough on a CPU (~15 s) that the later jobs, dropped once it is on the
+# model, reach the worker mid-render however slowly their flow processes start on a busy 2-core box.
+LONG_SPEC = {"prompt": "camera slowly zooming in, clouds moving", "num_frames": 32, "steps": 80}
 SLOW_SPEC = {"prompt": "camera slowly zooming in, clouds moving", "num_frames": 16, "steps": 40}
 
 
@@ -23,15 +25,33 @@ def _sidecar(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def _a_render_is_running() -> bool:
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        TaskRunFilter,
+        TaskRunFilterName,
+        TaskRunFilterState,
+        TaskRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    running = TaskRunFilter(name=TaskRunFilterName(like_="render-frames"),
+                            state=TaskRunFilterState(type=TaskRunFilterStateType(any_=[StateType.RUNNING])))
+    with get_client(sync_client=True) as client:
+        return bool(client.read_task_runs(task_run_filter=running))
+
+
 def test_the_next_render_is_staged_while_the_gpu_renders_and_never_shares_it(start_watcher, tmp_path: Path) -> None:
     inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
     stems = [f"staged-{index}" for index in range(3)]
-    for index, stem in enumerate(stems):
-        drop(inbox, stem, SLOW_SPEC, png_bytes(color=(40 * index, 90, 160)))
+    drop(inbox, stems[0], LONG_SPEC, png_bytes(color=(0, 90, 160)))
     start_watcher(inbox, outbox)
+    wait_for(_a_render_is_running, timeout=120, interval=0.2, what="the first render to start")
+    for index, stem in enumerate(stems[1:], start=1):
+        drop(inbox, stem, SLOW_SPEC, png_bytes(color=(40 * index, 90, 160)))
 
     sidecars = [_sidecar(outbox / f"{stem}.json") for stem in stems]
-    assert all(probe_mp4(outbox / f"{stem}.mp4").frames == 16 for stem in stems)
+    assert [probe_mp4(outbox / f"{stem}.mp4").frames for stem in stems] == [32, 16, 16]
     assert len({s["engine"]["pid"] for s in sidecars}) == 1, "one GPU worker rendered all three"
 
     renders = sorted(((render_task_run(s["prefect"]["flow_run_id"]), s["timings_seconds"]) for s in sidecars),
