@@ -11,6 +11,7 @@ the deployment, a flow worker, GPU workers each bound to one card, the watcher),
    after starting the others (``--gpu-workers K``): videos per hour and the ratio K workers / 1.
 
     python -m benchmarks.bench_drop --jobs 5                               # CPU, tiny model
+    python -m benchmarks.bench_drop --jobs 5 --photo 3000x3000             # camera-sized JPEGs
     python -m benchmarks.bench_drop --model full --size 512 --frames 16 --steps 50 \\
         --jobs 3 --flood 6 --gpu-workers 2 --out benchmarks/results/drop-h100x2.json
 """
@@ -71,6 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default="tiny", help="registry name, model folder, or 'full' "
                         "(the full-size architecture with random weights, built here)")
     parser.add_argument("--size", type=int, default=None, help="width = height of every job")
+    parser.add_argument("--photo", type=_dimensions, default=None, metavar="WxH",
+                        help="drop camera-sized JPEGs of WxH pixels (e.g. 3000x3000) instead of small PNGs")
     parser.add_argument("--frames", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--model-cache", type=Path, default=None,
@@ -94,7 +97,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     command = "python -m benchmarks.bench_drop " + " ".join(sys.argv[1:] if argv is None else argv)
     slots = Settings().gpu_worker_slots
     summary: dict[str, Any] = {"command": command, "model": args.model, "gpus": gpus, "cpus": os.cpu_count(),
-                               "gpu_worker_slots": slots, "bytecode": _bytecode()}
+                               "gpu_worker_slots": slots, "bytecode": _bytecode(),
+                               "dropped_image": f"{args.photo[0]}x{args.photo[1]} JPEG" if args.photo else "96x96 PNG"}
     try:
         api = start_prefect_server(sup, free_port(), lambda m: None)
         sup.env = prefect_env(api, state, {"I2VFLOW_MODEL_CACHE": str(work / "models"), "I2VFLOW_MODEL": model,
@@ -112,15 +116,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         stop = threading.Event()
         threading.Thread(target=watcher.run, args=(stop,), daemon=True).start()
         spec = _spec(args)
-        rows = [_one_job(f"job-{i}", spec, inbox, outbox, watcher) for i in range(args.jobs)]
+        rows = [_one_job(f"job-{i}", spec, inbox, outbox, watcher, _image(100 + i, args.photo))
+                for i in range(args.jobs)]
         summary.update(_latency_summary(rows))
         if args.flood:
-            summary["flood"] = [_flood("one", args.flood, spec, inbox, outbox)]
+            summary["flood"] = [_flood("one", args.flood, spec, inbox, outbox, args.photo)]
             if len(gpus) > 1:
                 for index, gpu in enumerate(gpus[1:], start=1):
                     start_gpu_worker(sup, index, gpu)
                 _wait_ready(sup, len(gpus), args.ready_timeout)
-                summary["flood"].append(_flood("all", args.flood * len(gpus), spec, inbox, outbox))
+                summary["flood"].append(_flood("all", args.flood * len(gpus), spec, inbox, outbox, args.photo))
                 one, every = summary["flood"]
                 summary["scaling_videos_per_hour"] = round(every["videos_per_hour"] / one["videos_per_hour"], 3)
         stop.set()
@@ -191,10 +196,35 @@ def _wait_ready(sup: Supervisor, workers: int, timeout: float) -> float:
     raise TimeoutError(f"{workers} GPU worker(s) not ready after {timeout} s; see {sup.log_dir}")
 
 
-def _drop(stem: str, spec: dict[str, Any], inbox: Path, shade: int) -> None:
+def _dimensions(text: str) -> tuple[int, int]:
+    width, _, height = text.lower().partition("x")
+    return int(width), int(height)
+
+
+def _image(shade: int, photo: tuple[int, int] | None) -> tuple[str, bytes]:
+    """A small PNG, or a photo-like JPEG (gradient, square, sensor noise) of a camera's size."""
+    if photo is None:
+        return ".png", png_bytes(color=(shade * 30 % 255, 80, 120))
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    width, height = photo
+    rows = np.linspace(0, 255, height, dtype=np.int16)[:, None]
+    pixels = np.broadcast_to(np.stack([rows, rows * 0 + 60, rows * 0 + 90], -1), (height, width, 3)).copy()
+    pixels[height // 4:3 * height // 4, width // 4:3 * width // 4] = (shade * 30 % 255, 80, 120)
+    pixels += np.random.default_rng(shade).integers(-6, 7, (height, width, 3), dtype=np.int16)
+    pixels = pixels.clip(0, 255).astype(np.uint8)
+    encoded = io.BytesIO()
+    Image.fromarray(pixels).save(encoded, format="JPEG", quality=90)
+    return ".jpg", encoded.getvalue()
+
+
+def _drop(stem: str, spec: dict[str, Any], inbox: Path, image: tuple[str, bytes]) -> None:
     inbox.mkdir(parents=True, exist_ok=True)
     (inbox / f"{stem}.json").write_text(json.dumps(spec))
-    (inbox / f"{stem}.png").write_bytes(png_bytes(color=(shade * 30 % 255, 80, 120)))
+    (inbox / f"{stem}{image[0]}").write_bytes(image[1])
 
 
 def _wait_video(outbox: Path, stem: str, timeout: float = 300) -> dict[str, Any]:
@@ -206,8 +236,9 @@ def _wait_video(outbox: Path, stem: str, timeout: float = 300) -> dict[str, Any]
     return {"at": sidecar.stat().st_mtime, **json.loads(sidecar.read_text())}
 
 
-def _one_job(stem: str, spec: dict[str, Any], inbox: Path, outbox: Path, watcher: object) -> dict[str, Any]:
-    _drop(stem, spec, inbox, len(stem))
+def _one_job(stem: str, spec: dict[str, Any], inbox: Path, outbox: Path, watcher: object,
+             image: tuple[str, bytes]) -> dict[str, Any]:
+    _drop(stem, spec, inbox, image)
     dropped = time.time()
     data = _wait_video(outbox, stem)
     from prefect import get_client
@@ -292,12 +323,14 @@ def _gpu_gaps(videos: list[dict[str, Any]]) -> dict[str, Any]:
             "waiting_for_gpu_s": [r[3] for r in sorted(rows, key=lambda r: r[1])]}
 
 
-def _flood(label: str, count: int, spec: dict[str, Any], inbox: Path, outbox: Path) -> dict[str, Any]:
+def _flood(label: str, count: int, spec: dict[str, Any], inbox: Path, outbox: Path,
+           photo: tuple[int, int] | None) -> dict[str, Any]:
     """Drop ``count`` jobs at once; time until the last video, and who rendered what."""
     stems = [f"flood-{label}-{i}" for i in range(count)]
+    images = [_image(i, photo) for i in range(count)]
     started = time.time()
-    for i, stem in enumerate(stems):
-        _drop(stem, spec, inbox, i)
+    for stem, image in zip(stems, images, strict=True):
+        _drop(stem, spec, inbox, image)
     videos = [_wait_video(outbox, stem) for stem in stems]
     done = [v["at"] for v in videos]
     per_pid: dict[str, int] = {}

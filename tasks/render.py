@@ -8,7 +8,6 @@ the pipeline warm. Tagged ``gpu`` (a concurrency limit keeps one render per GPU 
 
 from __future__ import annotations
 
-import io
 import time
 from typing import Any
 
@@ -150,13 +149,10 @@ def render_frames(job: PreparedJob) -> RenderedFrames:
 
 
 def _render(engine: Any, job: PreparedJob, spec: Any) -> Any:
-    from PIL import Image
-
     from infra.engine.engine import RenderRequest
 
     return engine.render(RenderRequest(
-        image=Image.open(io.BytesIO(job.image_png)).convert("RGB"), prompt=spec.prompt,
-        negative_prompt=spec.negative_prompt, num_frames=spec.num_frames, fps=spec.fps,
-        steps=spec.steps, guidance_scale=spec.guidance_scale, width=job.width,
-        height=job.height, seed=job.seed, model=job.model,
+        image=job.rgb_image(), prompt=spec.prompt, negative_prompt=spec.negative_prompt,
+        num_frames=spec.num_frames, fps=spec.fps, steps=spec.steps, guidance_scale=spec.guidance_scale,
+        width=job.width, height=job.height, seed=job.seed, model=job.model,
     ))

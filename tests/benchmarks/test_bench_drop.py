@@ -17,10 +17,11 @@ def test_bench_drop_runs_the_service_with_two_gpu_workers(tmp_path: Path) -> Non
     # Its own Prefect server, not the test session's: a clean environment like an operator's shell.
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     subprocess.run([sys.executable, "-m", "benchmarks.bench_drop", "--jobs", "1", "--flood", "2",
-                    "--gpu-workers", "2", "--out", str(out)], cwd=PROJECT_ROOT, env=env, check=True,
+                    "--gpu-workers", "2", "--photo", "640x480", "--out", str(out)], cwd=PROJECT_ROOT, env=env, check=True,
                    timeout=900, capture_output=True)
     report = json.loads(out.read_text())
     assert report["gpus"] == [None, None]
+    assert report["dropped_image"] == "640x480 JPEG"  # camera-style inputs, not only small PNGs
     assert report["flow_command"] == "python3 -m prefect.engine"  # one process per flow run (prefect.yaml)
     assert set(report["bytecode"]) == {"prefect_precompiled", "writes_bytecode"}
     assert len(report["jobs"]) == 1 and report["jobs"][0]["overhead_s"] > 0

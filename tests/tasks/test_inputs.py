@@ -1,0 +1,53 @@
+"""load-inputs on a real folder: what it hands to the GPU worker is the dropped file itself, and the
+renderer decodes it to the very pixels that validation decoded."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from infra.images import decode_image
+from infra.jobs import JobTicket
+from tasks.inputs import load_inputs
+
+
+def _ticket(inbox: Path, image_name: str, spec_name: str) -> JobTicket:
+    digest = {name: hashlib.sha256((inbox / name).read_bytes()).hexdigest() for name in (image_name, spec_name)}
+    return JobTicket(job_id="j1", stem="item", inbox=str(inbox), outbox=str(inbox / "out"), image_key=image_name,
+                     spec_key=spec_name, image_sha256=digest[image_name], spec_sha256=digest[spec_name])
+
+
+def _photo(mode: str, size: tuple[int, int]) -> Image.Image:
+    rng = np.random.default_rng(7)
+    rgba = rng.integers(0, 256, (size[1], size[0], 4), dtype=np.uint8)
+    return Image.fromarray(rgba, "RGBA").convert(mode)
+
+
+@pytest.mark.parametrize(("name", "mode", "save"), [
+    ("item.jpg", "RGB", {"format": "JPEG", "quality": 90}),
+    ("item.png", "RGBA", {"format": "PNG"}),  # transparency: the renderer takes RGB
+    ("item.png", "P", {"format": "PNG"}),  # a palette image
+    ("item.webp", "RGB", {"format": "WEBP", "lossless": False}),
+])
+def test_the_dropped_file_goes_to_the_renderer_unchanged(tmp_path: Path, name: str, mode: str,
+                                                          save: dict[str, object]) -> None:
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    encoded = io.BytesIO()
+    _photo(mode, (96, 64)).save(encoded, **save)
+    (inbox / name).write_bytes(encoded.getvalue())
+    (inbox / "item.json").write_text('{"prompt": "product rotating slowly under studio light"}')
+
+    job = load_inputs.fn(_ticket(inbox, name, "item.json"))
+
+    assert job.image_file == encoded.getvalue(), "the image must travel as dropped, not re-encoded"
+    assert job.image_size == (96, 64)
+    rendered_from = job.rgb_image()
+    assert rendered_from.mode == "RGB" and rendered_from.size == (96, 64)
+    validated = decode_image(encoded.getvalue(), name, max_pixels=10_000)
+    assert np.array_equal(np.asarray(rendered_from), np.asarray(validated))
