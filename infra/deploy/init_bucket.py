@@ -13,7 +13,8 @@ import time
 from minio.notificationconfig import NotificationConfig, PrefixFilterRule, QueueConfig
 
 from infra.settings import Settings
-from infra.store import make_client, s3_credentials
+from infra.store import s3_credentials
+from infra.store.bucket import make_client
 
 
 def main() -> None:

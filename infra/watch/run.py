@@ -17,7 +17,8 @@ from infra.ledger import Ledger
 from infra.logging import configure_logging
 from infra.orchestrator import RunSubmitter, emit_job_event, read_run_states, reschedule_run
 from infra.settings import Settings, get_settings
-from infra.store import BucketStore, Store, StoreError, make_client, open_store, s3_credentials
+from infra.store import Store, StoreError, open_store, s3_credentials
+from infra.store.bucket import BucketStore, make_client
 from infra.watch.bucket import ListenHints
 from infra.watch.folder import start_folder_hints
 from infra.watch.reconcile import Finding, findings_markdown, reconcile

@@ -17,8 +17,8 @@ def test_bench_drop_runs_the_service_with_two_gpu_workers(tmp_path: Path) -> Non
     # Its own Prefect server, not the test session's: a clean environment like an operator's shell.
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     subprocess.run([sys.executable, "-m", "benchmarks.bench_drop", "--jobs", "1", "--flood", "2",
-                    "--gpu-workers", "2", "--photo", "640x480", "--out", str(out)], cwd=PROJECT_ROOT, env=env, check=True,
-                   timeout=900, capture_output=True)
+                    "--gpu-workers", "2", "--photo", "640x480", "--out", str(out)],
+                   cwd=PROJECT_ROOT, env=env, check=True, timeout=900, capture_output=True)
     report = json.loads(out.read_text())
     assert report["gpus"] == [None, None]
     assert report["dropped_image"] == "640x480 JPEG"  # camera-style inputs, not only small PNGs

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from minio import Minio
 
-from infra.store import BucketStore, FolderStore, Store
+from infra.store import FolderStore, Store
+from infra.store.bucket import BucketStore
 
 
 @pytest.fixture(params=["folder", "bucket", "bucket-prefixed"])

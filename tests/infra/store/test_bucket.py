@@ -20,7 +20,8 @@ import structlog.testing
 import urllib3
 from minio import Minio
 
-from infra.store import BucketStore, StoreError, make_client
+from infra.store import StoreError
+from infra.store.bucket import BucketStore, make_client
 from tests.s3server import S3Server, start_moto
 
 

@@ -11,7 +11,8 @@ import pytest
 from minio import Minio
 
 from infra.settings import Settings
-from infra.store import BucketStore, FolderStore, Store, StoreError, open_store, s3_credentials
+from infra.store import FolderStore, Store, StoreError, open_store, s3_credentials
+from infra.store.bucket import BucketStore
 from tests.s3server import S3Server
 
 CRED_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD")
