@@ -134,6 +134,7 @@ def gpu_worker(warm: bool = typer.Option(True, help="Load the model before takin
 
     from infra.heartbeat import HeartbeatPublisher
     from infra.logging import configure_logging
+    from infra.results import start_result_pruner
     from infra.settings import get_settings
     from tasks.render import engine_options, render_frames, warmup_requests
 
@@ -148,10 +149,13 @@ def gpu_worker(warm: bool = typer.Option(True, help="Load the model before takin
             engine.warm(settings.model, warmup=warmup)
     heartbeat = HeartbeatPublisher()
     heartbeat.start()
+    pruner = start_result_pruner(settings.result_ttl_seconds)
     try:
         serve(render_frames, limit=settings.gpu_worker_slots)
     finally:
         heartbeat.stop()
+        if pruner is not None:
+            pruner.stop()
 
 
 def _gpu_worker_metrics(settings: object) -> None:

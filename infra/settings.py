@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     gpu_workers: int = Field(0, ge=0, description="GPU task workers `up` starts, one per card, each bound to "
                              "it; 0: one per visible CUDA device (one on a host without CUDA).")
     render_timeout_seconds: float = Field(1800.0, gt=0)
+    result_ttl_seconds: float = Field(7200.0, gt=0, description="GPU workers delete Prefect's local result "
+                                      "files (frames, task parameters) older than this; longer than "
+                                      "render_timeout_seconds, since a result is read within it.")
     zombie_after_seconds: float = Field(90.0, gt=30, description="A flow run with no heartbeat (every 30 s) or "
                                         "state change for this long is marked Crashed, then rescheduled.")
 
@@ -119,6 +122,16 @@ class Settings(BaseSettings):
         if config_file:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
         return tuple(sources)
+
+    @model_validator(mode="after")
+    def _results_outlive_renders(self) -> Settings:
+        if self.result_ttl_seconds <= self.render_timeout_seconds:
+            raise ValueError(
+                f"result_ttl_seconds ({self.result_ttl_seconds:g}) must be longer than render_timeout_seconds "
+                f"({self.render_timeout_seconds:g}): a flow reads its render's result up to that long after "
+                "submitting it; raise I2VFLOW_RESULT_TTL_SECONDS"
+            )
+        return self
 
     @property
     def resolved_log_file(self) -> Path:
