@@ -21,11 +21,16 @@ import structlog
 log = structlog.get_logger("i2vflow.results")
 
 
-def prune_results(root: Path, older_than_seconds: float, now: float | None = None) -> tuple[int, int]:
-    """Delete files under ``root`` last written more than ``older_than_seconds`` ago.
+# Prefect writes results and task parameters alike as a JSON ResultRecord, metadata first.
+RECORD_START = b'{"metadata":'
 
-    Returns (files deleted, bytes freed). Files that vanish meanwhile (another GPU worker on the
-    same host pruning too) are skipped.
+
+def prune_results(root: Path, older_than_seconds: float, now: float | None = None) -> tuple[int, int]:
+    """Delete Prefect result records under ``root`` last written more than ``older_than_seconds`` ago.
+
+    Returns (files deleted, bytes freed). Only result records are deleted, so a storage path
+    pointed at a folder that holds anything else loses nothing else. Files that vanish meanwhile
+    (another GPU worker on the same host pruning too) are skipped.
     """
     cutoff = (time.time() if now is None else now) - older_than_seconds
     deleted = freed = 0
@@ -34,12 +39,17 @@ def prune_results(root: Path, older_than_seconds: float, now: float | None = Non
             path = Path(folder, name)
             try:
                 info = path.stat()
-                if info.st_mtime < cutoff:
+                if info.st_mtime < cutoff and _is_result_record(path):
                     path.unlink()
                     deleted, freed = deleted + 1, freed + info.st_size
             except FileNotFoundError:
                 continue
     return deleted, freed
+
+
+def _is_result_record(path: Path) -> bool:
+    with path.open("rb") as handle:
+        return handle.read(len(RECORD_START)) == RECORD_START
 
 
 class ResultPruner(threading.Thread):

@@ -9,14 +9,16 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from infra.results import ResultPruner, prune_results, start_result_pruner
+from infra.results import RECORD_START, ResultPruner, prune_results, start_result_pruner
 from infra.settings import Settings
 from tests.helpers import wait_for
 
 
-def _file(path: Path, size: int, age_seconds: float) -> Path:
+def _file(path: Path, size: int, age_seconds: float, content: bytes = RECORD_START) -> Path:
+    """A file of ``size`` bytes, a result record unless ``content`` says otherwise, last written
+    ``age_seconds`` ago."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"x" * size)
+    path.write_bytes(content + b"x" * (size - len(content)))
     then = time.time() - age_seconds
     os.utime(path, (then, then))
     return path
@@ -33,6 +35,26 @@ def test_files_older_than_the_ttl_go_and_newer_ones_stay(tmp_path: Path) -> None
     assert not old_frames.exists() and not old_parameters.exists()
     assert fresh_frames.exists() and fresh_parameters.exists()
     assert prune_results(tmp_path, older_than_seconds=7200) == (0, 0)
+
+
+def test_records_as_prefect_writes_them_are_recognised(tmp_path: Path) -> None:
+    from prefect._internal.result_records import ResultRecord, ResultRecordMetadata
+    from prefect.serializers import PickleSerializer
+
+    record = ResultRecord(result={"job": "shoe"}, metadata=ResultRecordMetadata(serializer=PickleSerializer(),
+                                                                                 storage_key="parameters/1"))
+    written = _file(tmp_path / "parameters" / "1", 0, age_seconds=9000, content=record.serialize())
+    assert prune_results(tmp_path, older_than_seconds=7200)[0] == 1
+    assert not written.exists()
+
+
+def test_only_result_records_are_deleted(tmp_path: Path) -> None:
+    """PREFECT_LOCAL_STORAGE_PATH pointed at a folder that holds other things: those stay."""
+    notes = _file(tmp_path / "notes.txt", 100, age_seconds=90_000, content=b"shopping list")
+    lock = _file(tmp_path / "4348c8456f292bbd.lock", 10, age_seconds=90_000, content=b"")
+    record = _file(tmp_path / "4348c8456f292bbd", 100, age_seconds=90_000)
+    assert prune_results(tmp_path, older_than_seconds=7200) == (1, 100)
+    assert notes.exists() and lock.exists() and not record.exists()
 
 
 def test_a_missing_folder_prunes_nothing(tmp_path: Path) -> None:
