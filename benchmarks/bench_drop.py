@@ -203,21 +203,22 @@ def _dimensions(text: str) -> tuple[int, int]:
 
 def _image(shade: int, photo: tuple[int, int] | None) -> tuple[str, bytes]:
     """A small PNG, or a photo-like JPEG (gradient, square, sensor noise) of a camera's size."""
+    square = (shade * 30 % 255, 80, 120)
     if photo is None:
-        return ".png", png_bytes(color=(shade * 30 % 255, 80, 120))
+        return ".png", png_bytes(color=square)
     import io
 
     import numpy as np
     from PIL import Image
 
     width, height = photo
-    rows = np.linspace(0, 255, height, dtype=np.int16)[:, None]
-    pixels = np.broadcast_to(np.stack([rows, rows * 0 + 60, rows * 0 + 90], -1), (height, width, 3)).copy()
-    pixels[height // 4:3 * height // 4, width // 4:3 * width // 4] = (shade * 30 % 255, 80, 120)
+    pixels = np.empty((height, width, 3), dtype=np.int16)
+    pixels[...] = (0, 60, 90)
+    pixels[..., 0] = np.linspace(0, 255, height, dtype=np.int16)[:, None]
+    pixels[height // 4:3 * height // 4, width // 4:3 * width // 4] = square
     pixels += np.random.default_rng(shade).integers(-6, 7, (height, width, 3), dtype=np.int16)
-    pixels = pixels.clip(0, 255).astype(np.uint8)
     encoded = io.BytesIO()
-    Image.fromarray(pixels).save(encoded, format="JPEG", quality=90)
+    Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(encoded, format="JPEG", quality=90)
     return ".jpg", encoded.getvalue()
 
 
