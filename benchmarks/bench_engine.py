@@ -75,6 +75,8 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "fast-all": {"preset": "fast", "short_attention": True, "fp8_linear": True, "compile_vae": True},
     "fast-exact": {"preset": "fast", "short_attention": True, "compile_vae": True},
     "fast-jit": {"preset": "fast", "aot": False},  # `fast` as before AOTInductor packages
+    "fast-geglu": {"preset": "fast", "fused_geglu": True},
+    "fast-jit-geglu": {"preset": "fast", "aot": False, "fused_geglu": True},
     "fast-exact-blocks": {"preset": "fast", "short_attention": True, "compile_vae": True, "compile_scope": "blocks"},
 }
 DEFAULT_GPU_VARIANTS = "stock,fast,fast-cudagraphs"
@@ -281,16 +283,23 @@ class Bench:
         return self.flops_fixed + self.flops_per_step * cap
 
     def profile(self, call: Callable[[], np.ndarray], name: str) -> None:
-        """Kernel time by kernel over one whole render (top 40), written beside the results."""
+        """Kernel time over one whole render, written beside the results: by kind of kernel
+        (``profile-<variant>.json``) and kernel by kernel (top 40, ``profile-<variant>.txt``)."""
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             call()
-        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
+        averages = prof.key_averages()
+        table = averages.table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
+        kernels = [(event.key, event.self_device_time_total / 1e6, event.count) for event in averages
+                   if event.device_type.name == "CUDA" and event.self_device_time_total > 0]
         out = Path(self.args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / f"profile-{name}.txt").write_text(table)
+        summary = kernel_summary(kernels)
+        (out / f"profile-{name}.json").write_text(json.dumps(summary, indent=1) + "\n")
         print(table[:6000])
+        print(json.dumps(summary["by_kind"], indent=1))
 
     # --- one variant ----------------------------------------------------------------------
     def run_variant(self, name: str, fields: dict[str, Any] | None) -> VariantResult:
@@ -375,6 +384,38 @@ class Bench:
             if is_cuda:
                 torch.cuda.set_per_process_memory_fraction(1.0)
         return result
+
+
+KERNEL_KINDS = (  # first match wins: (kind, name fragments)
+    ("short attention (Triton)", ("_short_attention_kernel",)),
+    ("fused GEGLU (Triton)", ("_geglu_linear_kernel",)),
+    ("attention", ("sdpa", "fmha", "flash", "attention")),
+    ("convolution", ("fprop", "conv", "dgrad", "wgrad")),
+    ("matmul", ("nvjet", "gemm", "cutlass", "cublas")),
+    ("triton reduction (norms)", ("triton_per", "triton_red")),
+    ("triton pointwise", ("triton_poi",)),
+    ("copies and fills", ("memcpy", "memset", "copy", "fill")),
+)
+
+
+def kernel_summary(kernels: list[tuple[str, float, int]]) -> dict[str, Any]:
+    """GPU seconds by kind of kernel, and the 30 most expensive generated (Triton) kernels."""
+    by_kind: dict[str, dict[str, float]] = {}
+    total = sum(seconds for _, seconds, _ in kernels)
+    for name, seconds, count in kernels:
+        lowered = name.lower()
+        kind = next((kind for kind, parts in KERNEL_KINDS if any(part in lowered for part in parts)), "other")
+        entry = by_kind.setdefault(kind, {"seconds": 0.0, "calls": 0})
+        entry["seconds"] += seconds
+        entry["calls"] += count
+    for entry in by_kind.values():
+        entry["share"] = round(entry["seconds"] / total, 4) if total else 0.0
+        entry["seconds"] = round(entry["seconds"], 4)
+    generated = sorted((k for k in kernels if k[0].startswith("triton_")), key=lambda k: -k[1])[:30]
+    return {"gpu_seconds": round(total, 4),
+            "by_kind": dict(sorted(by_kind.items(), key=lambda item: -item[1]["seconds"])),
+            "top_generated": [{"kernel": name[:120], "seconds": round(seconds, 4), "calls": count}
+                              for name, seconds, count in generated]}
 
 
 def count_host_syncs(call: Callable[[], np.ndarray]) -> int:

@@ -11,14 +11,14 @@ from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-from benchmarks.bench_engine import VARIANTS, run  # noqa: E402
+from benchmarks.bench_engine import VARIANTS, kernel_summary, run  # noqa: E402
 
 
 def test_cpu_benchmark_writes_json_and_markdown(tmp_path: Path) -> None:
     out = tmp_path / "results"
     report = run(
         ["--tiny", "--device", "cpu", "--size", "64", "--frames", "4", "--steps", "2",
-         "--repeats", "1", "--warmup", "0", "--variants", "stock,auto,dpm25",
+         "--repeats", "1", "--warmup", "0", "--variants", "stock,auto,dpm25", "--profile", "auto",
          "--model-cache", str(tmp_path / "models"), "--out", str(out)],
         log=lambda _line: None,
     )
@@ -38,7 +38,9 @@ def test_cpu_benchmark_writes_json_and_markdown(tmp_path: Path) -> None:
     assert auto["speed"]["preset"] == "stock" and auto["speed"]["compile"] == "off"
     assert report["flops_per_video_tflop"] is not None
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["engine-cpu-64x4.json", "engine-cpu-64x4.md"]
+    assert files == ["engine-cpu-64x4.json", "engine-cpu-64x4.md", "profile-auto.json", "profile-auto.txt"]
+    assert "aten::" in (out / "profile-auto.txt").read_text()  # the CPU ops of one render
+    assert json.loads((out / "profile-auto.json").read_text())["gpu_seconds"] == 0  # no GPU kernels on a CPU
     saved = json.loads((out / "engine-cpu-64x4.json").read_text())
     assert saved["environment"]["device"] == "cpu" and saved["config"]["size"] == 64
     table = (out / "engine-cpu-64x4.md").read_text()
@@ -53,3 +55,27 @@ def test_every_variant_is_engine_options() -> None:
             EngineOptions(**fields).check()  # raises on a bad lever name or value
         else:
             assert name == "stock"
+
+
+def test_kernel_summary_sorts_kernels_by_kind() -> None:
+    # Kernel names as the profile of an H100 render lists them (benchmarks/results/profile-*.txt).
+    kernels = [
+        ("sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc_tilesize128x128x64", 0.30, 1771),
+        ("nvjet_sm90_hsh_128x256_64x4_2x1_v_bz_coopA_bias_TNN", 0.31, 850),
+        ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x64", 0.54, 1648),
+        ("_short_attention_kernel", 0.125, 1700),
+        ("triton_poi_fused_gelu_mul_split_view_44", 0.167, 500),
+        ("triton_per_fused_add_native_group_norm_12", 0.074, 800),
+        ("void at::native::elementwise_kernel<128, 4>", 0.01, 10),
+    ]
+    summary = kernel_summary(kernels)
+    kinds = summary["by_kind"]
+    assert kinds["convolution"]["seconds"] == 0.3 and kinds["matmul"]["calls"] == 850
+    assert kinds["attention"]["seconds"] == 0.54  # cuDNN's flash SDPA is attention, not a convolution
+    assert kinds["short attention (Triton)"]["seconds"] == 0.125
+    assert kinds["triton pointwise"]["seconds"] == 0.167 and kinds["triton reduction (norms)"]["calls"] == 800
+    assert kinds["other"]["seconds"] == 0.01
+    assert list(kinds)[0] == "attention"  # most expensive first
+    assert summary["gpu_seconds"] == 1.526
+    assert [k["kernel"] for k in summary["top_generated"]] == [
+        "triton_poi_fused_gelu_mul_split_view_44", "triton_per_fused_add_native_group_norm_12"]
