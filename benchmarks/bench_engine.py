@@ -75,8 +75,7 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "fast-all": {"preset": "fast", "short_attention": True, "fp8_linear": True, "compile_vae": True},
     "fast-exact": {"preset": "fast", "short_attention": True, "compile_vae": True},
     "fast-jit": {"preset": "fast", "aot": False},  # `fast` as before AOTInductor packages
-    "fast-geglu": {"preset": "fast", "fused_geglu": True},
-    "fast-jit-geglu": {"preset": "fast", "aot": False, "fused_geglu": True},
+    "fast-jit-bf16": {"preset": "fast", "aot": False, "dtype": "bfloat16"},
     "fast-exact-blocks": {"preset": "fast", "short_attention": True, "compile_vae": True, "compile_scope": "blocks"},
 }
 DEFAULT_GPU_VARIANTS = "stock,fast,fast-cudagraphs"
@@ -386,14 +385,14 @@ class Bench:
         return result
 
 
-KERNEL_KINDS = (  # first match wins: (kind, name fragments)
+KERNEL_KINDS = (  # first match wins: (kind, name fragments); inductor names its kernels after
+    # the ops they fuse ("triton_poi_fused_convolution_native_group_norm_silu"), so those go first.
+    ("triton reduction (norms)", ("triton_per", "triton_red")),
+    ("triton pointwise", ("triton_poi",)),
     ("short attention (Triton)", ("_short_attention_kernel",)),
-    ("fused GEGLU (Triton)", ("_geglu_linear_kernel",)),
     ("attention", ("sdpa", "fmha", "flash", "attention")),
     ("convolution", ("fprop", "conv", "dgrad", "wgrad")),
     ("matmul", ("nvjet", "gemm", "cutlass", "cublas")),
-    ("triton reduction (norms)", ("triton_per", "triton_red")),
-    ("triton pointwise", ("triton_poi",)),
     ("copies and fills", ("memcpy", "memset", "copy", "fill")),
 )
 

@@ -1,13 +1,10 @@
-"""Kernel-level check of three engine levers at the UNet's own shapes: error and speed.
+"""Kernel-level check of two engine levers at the UNet's own shapes: error and speed.
 
 Why: ``bench_engine`` says what a lever does to a whole video; this says why, one layer at a
 time, and validates the numerics before a long run:
 
 - ``short_attention`` (Triton) against PyTorch SDPA on the temporal layers' shapes
   (batch = 2 x latent pixels, tokens = frames, heads x 64): max abs error, time ratio;
-- ``geglu_linear`` (Triton, the ``fused_geglu`` lever) against diffusers' ``GEGLU`` under
-  ``torch.compile`` (a cuBLAS matmul, then inductor's fused gating) on the feed-forward shapes:
-  relative error, time ratio, the tile the autotuner picked;
 - ``Fp8Linear`` against the fp16 ``Linear`` (both under ``torch.compile``, as the engine
   runs them) on the transformers' matmul shapes: relative error, time ratio.
 
@@ -44,11 +41,6 @@ LINEAR_SHAPES = [("qkv 64x64", 131072, 320, 960), ("geglu 64x64", 131072, 320, 2
                  ("ff-out 64x64", 131072, 1280, 320), ("qkv 32x32", 32768, 640, 1920),
                  ("geglu 32x32", 32768, 640, 5120), ("ff-out 32x32", 32768, 2560, 640)]
 CPU_LINEAR_SHAPES = [("small", 256, 64, 128)]
-# (label, rows, in, feed-forward width): GEGLU per UNet level at 512x512x16 (batch 2 for
-# guidance), then 768x768x24 at the top level.
-GEGLU_SHAPES = [("512x16 64x64", 131072, 320, 1280), ("512x16 32x32", 32768, 640, 2560),
-                ("512x16 16x16", 8192, 1280, 5120), ("512x16 8x8", 2048, 1280, 5120),
-                ("768x24 96x96", 442368, 320, 1280)]
 
 
 def timed(fn: Callable[[], Any], device: str, repeats: int = 20) -> float:
@@ -102,34 +94,6 @@ def attention_rows(device: str) -> list[dict[str, Any]]:
     return rows
 
 
-def geglu_rows(device: str) -> list[dict[str, Any]]:
-    """The fused GEGLU kernel against diffusers' GEGLU compiled by inductor, fp16."""
-    if not device.startswith("cuda"):
-        return [{"skipped": "geglu_linear is a CUDA kernel"}]
-    from diffusers.models.activations import GEGLU
-
-    from infra.engine.triton_kernels import _geglu_linear_kernel, geglu_linear
-
-    rows = []
-    for label, batch, fan_in, width in GEGLU_SHAPES:
-        module = GEGLU(fan_in, width).to(device, torch.float16)
-        hidden = torch.randn(batch, fan_in, device=device, dtype=torch.float16)
-        compiled = torch.compile(module, dynamic=False)
-        reference = module(hidden).float()
-        fused = geglu_linear(hidden, module.proj.weight, module.proj.bias)
-        error = ((fused.float() - reference).norm() / reference.norm()).item()
-        base_ms = timed(lambda f=compiled, x=hidden: f(x), device)
-        fused_ms = timed(lambda m=module, x=hidden: geglu_linear(x, m.proj.weight, m.proj.bias), device)
-        tflop = 2 * batch * fan_in * 2 * width / 1e12
-        rows.append({"shape": label, "rows": batch, "in": fan_in, "width": width,
-                     "relative_error": round(error, 6), "compiled_ms": round(base_ms, 4),
-                     "fused_ms": round(fused_ms, 4), "speedup": round(base_ms / fused_ms, 3),
-                     "fused_tflops": round(tflop / fused_ms * 1000, 1),
-                     "tile": str(_geglu_linear_kernel.best_config)})
-        print(rows[-1], flush=True)
-    return rows
-
-
 def linear_rows(device: str) -> list[dict[str, Any]]:
     """Compiled fp8 Linear against the compiled fp16 (fp32 on CPU) Linear."""
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
@@ -164,8 +128,7 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     gpu = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
     report = {"device": gpu, "torch": torch.__version__,
-              "short_attention": attention_rows(args.device),
-              "geglu_linear": geglu_rows(args.device), "fp8_linear": linear_rows(args.device)}
+              "short_attention": attention_rows(args.device), "fp8_linear": linear_rows(args.device)}
     slug = gpu.lower().replace(" ", "-")
     out = Path(args.out) / f"kernels-{slug}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -77,8 +77,6 @@ class Settings(BaseSettings):
                                      "preset's choice.")
     short_attention: bool | None = Field(None, description="Temporal self-attention through a Triton kernel "
                                          "(CUDA); unset: the preset's choice (on in fast).")
-    fused_geglu: bool | None = Field(None, description="Feed-forward GEGLU (projection and gating) as one "
-                                     "Triton kernel (CUDA); unset: the preset's choice.")
     host_timesteps: bool | None = Field(None, description="Scheduler timesteps on the host: no host sync per "
                                         "denoising step; unset: the preset's choice (on in fast).")
     fp8_linear: bool = Field(False, description="Transformers' Linear layers as fp8 matmuls (Ada/Hopper; "

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import torch
 
-from infra.engine import aot, fp8, fused_geglu, short_attention
+from infra.engine import aot, fp8, short_attention
 from infra.engine.host_timesteps import keep_timesteps_on_host
 
 if TYPE_CHECKING:
@@ -79,7 +79,6 @@ class SpeedPlan:
     compile_scope: str = "model"
     aot: bool = False
     short_attention: bool = False
-    fused_geglu: bool = False
     host_timesteps: bool = False
     fp8_linear: bool = False
     scheduler: str = "default"  # quality-trading (opt-in only)
@@ -160,8 +159,6 @@ def resolve_plan(options: EngineOptions, device: str, memory_mode: str) -> Speed
         overrides["short_attention"] = options.short_attention
     if options.aot is not None:
         overrides["aot"] = options.aot
-    if options.fused_geglu is not None:
-        overrides["fused_geglu"] = options.fused_geglu
     if options.host_timesteps is not None:
         overrides["host_timesteps"] = options.host_timesteps
     plan = replace(plan, **overrides, compile_scope=options.compile_scope, fp8_linear=options.fp8_linear,
@@ -192,14 +189,10 @@ def resolve_plan(options: EngineOptions, device: str, memory_mode: str) -> Speed
     if plan.cudnn_benchmark and not device.startswith("cuda"):
         skipped.append("cudnn_benchmark (CUDA only)")
         plan = replace(plan, cudnn_benchmark=False)
-    # Both Triton kernels need the same: CUDA, Triton, tensor cores of Ampere or newer.
-    reason = short_attention.unsupported_reason(device)
-    if reason and plan.short_attention:
+    reason = short_attention.unsupported_reason(device) if plan.short_attention else None
+    if reason:
         skipped.append(f"short_attention ({reason})")
         plan = replace(plan, short_attention=False)
-    if reason and plan.fused_geglu:
-        skipped.append(f"fused_geglu ({reason})")
-        plan = replace(plan, fused_geglu=False)
     if plan.fp8_linear and not fp8.fp8_supported(device):
         skipped.append("fp8_linear (needs a CUDA GPU of compute capability 8.9 or newer)")
         plan = replace(plan, fp8_linear=False)
@@ -261,8 +254,6 @@ def apply_plan(pipeline: DiffusionPipeline, plan: SpeedPlan) -> SpeedPlan:
             plan = replace(plan, fuse_qkv=False)
     if plan.short_attention:
         short_attention.use_short_attention(unet)
-    if plan.fused_geglu:
-        fused_geglu.use_fused_geglu(unet)
     if plan.fp8_linear:
         fp8.use_fp8_linears(unet)
     if plan.channels_last:

@@ -7,11 +7,7 @@ tile and runs the tile's full pipeline for a few kilobytes of work; here one sma
 loads a head's Q, K and V whole, does both matmuls in registers and writes the output once.
 It is bandwidth-bound by design: Q, K, V read once, O written once.
 
-``geglu_linear`` is the feed-forward's GEGLU (``value * gelu(gate)`` of one projection) as one
-matmul kernel with two accumulators, so the projection's output (twice the feed-forward width)
-is never written to memory; see ``fused_geglu.py``.
-
-Both are ``torch.library`` Triton ops, so ``torch.compile`` and AOTInductor see into them.
+``short_attention`` is a ``torch.library`` Triton op, so ``torch.compile`` sees into it.
 """
 
 from __future__ import annotations
@@ -68,78 +64,5 @@ def short_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         value.stride(0), value.stride(1), out.stride(0), out.stride(1),
         tokens, heads, scale,
         HEAD_DIM=head_dim, BLOCK_TOKENS=block_tokens, num_warps=2,
-    )
-    return out
-
-
-# Hopper-sized tiles first; autotuning picks one per (rows, width, fan-in) at compile time.
-_GEGLU_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=stages, num_warps=warps)
-    for bm, bn, stages, warps in ((128, 128, 3, 8), (128, 128, 4, 8), (128, 64, 4, 4), (64, 128, 4, 4),
-                                  (256, 64, 3, 8), (128, 64, 3, 8))
-]
-
-
-@triton.autotune(configs=_GEGLU_CONFIGS, key=["M", "N", "K"])
-@triton.jit
-def _geglu_linear_kernel(
-    x_ptr, w_ptr, b_ptr, o_ptr, M, N, K,
-    x_stride_m, w_stride_n, o_stride_m,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-):
-    # Programs walk the output in groups of GROUP_M row blocks so neighbours share weight tiles in L2.
-    program = tl.program_id(0)
-    blocks_m, blocks_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    group = program // (GROUP_M * blocks_n)
-    first_m = group * GROUP_M
-    group_rows = min(blocks_m - first_m, GROUP_M)
-    block_m = first_m + (program % (GROUP_M * blocks_n)) % group_rows
-    block_n = (program % (GROUP_M * blocks_n)) // group_rows
-
-    rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    inner = tl.arange(0, BLOCK_K)
-    # Rows past M read row M-1 again (no mask in the loop); the store below drops them.
-    safe_rows = tl.minimum(rows, M - 1).to(tl.int64)
-    x_ptrs = x_ptr + safe_rows[:, None] * x_stride_m + inner[None, :]
-    value_ptrs = w_ptr + cols[None, :].to(tl.int64) * w_stride_n + inner[:, None]
-    gate_ptrs = value_ptrs + N * w_stride_n
-    value = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for _ in range(0, tl.cdiv(K, BLOCK_K)):  # the caller guarantees K % BLOCK_K == 0 and N % BLOCK_N == 0
-        x = tl.load(x_ptrs)
-        value = tl.dot(x, tl.load(value_ptrs), value)
-        gate = tl.dot(x, tl.load(gate_ptrs), gate)
-        x_ptrs += BLOCK_K
-        value_ptrs += BLOCK_K
-        gate_ptrs += BLOCK_K
-    if HAS_BIAS:
-        value += tl.load(b_ptr + cols)[None, :].to(tl.float32)
-        gate += tl.load(b_ptr + N + cols)[None, :].to(tl.float32)
-    out = value * (0.5 * gate * (1.0 + tl.erf(gate * 0.7071067811865476)))  # exact (erf) GELU
-    o_ptrs = o_ptr + rows[:, None].to(tl.int64) * o_stride_m + cols[None, :]
-    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=(rows < M)[:, None])
-
-
-@triton_op("i2vflow::geglu_linear", mutates_args=())
-def geglu_linear(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``value * gelu(gate)`` of ``hidden @ weight.T + bias`` split in halves, in one kernel.
-
-    ``hidden`` is ``(rows, fan_in)`` with a unit last stride, ``weight`` ``(2 * width, fan_in)``
-    contiguous (an ``nn.Linear``'s); the ``(rows, 2 * width)`` projection is never written out.
-    No masks in the loop: ``fan_in`` must be a multiple of 64 and ``width`` of 128
-    (``fused_geglu.FusedGEGLU.serves`` checks).
-    """
-    rows, fan_in = hidden.shape
-    width = weight.shape[0] // 2
-    out = torch.empty((rows, width), dtype=hidden.dtype, device=hidden.device)
-
-    def grid(meta: dict[str, int]) -> tuple[int]:
-        return (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(width, meta["BLOCK_N"]),)
-
-    wrap_triton(_geglu_linear_kernel)[grid](
-        hidden, weight, weight if bias is None else bias, out, rows, width, fan_in,
-        hidden.stride(0), weight.stride(0), out.stride(0), HAS_BIAS=bias is not None,
     )
     return out

@@ -66,6 +66,7 @@ def test_kernel_summary_sorts_kernels_by_kind() -> None:
         ("_short_attention_kernel", 0.125, 1700),
         ("triton_poi_fused_gelu_mul_split_view_44", 0.167, 500),
         ("triton_per_fused_add_native_group_norm_12", 0.074, 800),
+        ("triton_poi_fused_clone_convolution_native_group_norm_silu_33", 0.074, 750),  # not a convolution
         ("void at::native::elementwise_kernel<128, 4>", 0.01, 10),
     ]
     summary = kernel_summary(kernels)
@@ -73,9 +74,10 @@ def test_kernel_summary_sorts_kernels_by_kind() -> None:
     assert kinds["convolution"]["seconds"] == 0.3 and kinds["matmul"]["calls"] == 850
     assert kinds["attention"]["seconds"] == 0.54  # cuDNN's flash SDPA is attention, not a convolution
     assert kinds["short attention (Triton)"]["seconds"] == 0.125
-    assert kinds["triton pointwise"]["seconds"] == 0.167 and kinds["triton reduction (norms)"]["calls"] == 800
+    assert kinds["triton pointwise"]["seconds"] == 0.241 and kinds["triton reduction (norms)"]["calls"] == 800
     assert kinds["other"]["seconds"] == 0.01
     assert list(kinds)[0] == "attention"  # most expensive first
-    assert summary["gpu_seconds"] == 1.526
+    assert summary["gpu_seconds"] == 1.6
     assert [k["kernel"] for k in summary["top_generated"]] == [
-        "triton_poi_fused_gelu_mul_split_view_44", "triton_per_fused_add_native_group_norm_12"]
+        "triton_poi_fused_gelu_mul_split_view_44", "triton_per_fused_add_native_group_norm_12",
+        "triton_poi_fused_clone_convolution_native_group_norm_silu_33"]

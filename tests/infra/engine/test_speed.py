@@ -59,11 +59,10 @@ def test_bad_quality_options_name_the_field(field: str, value: object, message: 
 
 
 def test_gpu_only_levers_are_skipped_on_a_cpu_with_the_reason() -> None:
-    plan = resolve_plan(EngineOptions(preset="fast", fp8_linear=True, fused_geglu=True, compile="off"), "cpu", "full")
-    assert (plan.short_attention, plan.fp8_linear, plan.compile_vae, plan.fused_geglu) == (False, False, False, False)
+    plan = resolve_plan(EngineOptions(preset="fast", fp8_linear=True, compile="off"), "cpu", "full")
+    assert (plan.short_attention, plan.fp8_linear, plan.compile_vae) == (False, False, False)
     reasons = " ".join(plan.skipped)
     assert "short_attention (CUDA only" in reasons and "fp8_linear (needs a CUDA GPU" in reasons
-    assert "fused_geglu (CUDA only" in reasons
     assert plan.compile_scope == "model"  # no compilation: no scope to report
 
 
@@ -119,12 +118,11 @@ def test_aot_routes_the_unet_and_decoder_through_packages(model_cache: Path) -> 
     assert getattr(pipeline.unet, "_compiled_call_impl", None) is None  # no Dynamo on this path
 
 
-def test_triton_kernels_are_skipped_on_a_gpu_older_than_ampere(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_short_attention_is_skipped_on_a_gpu_older_than_ampere(monkeypatch: pytest.MonkeyPatch) -> None:
     gpu_with(monkeypatch, (7, 5))  # a T4, say
-    plan = resolve_plan(EngineOptions(preset="fast", fused_geglu=True), "cuda", "full")
-    assert plan.short_attention is False and plan.fused_geglu is False
-    assert plan.skipped == ("short_attention (needs compute capability 8.0 or newer, this GPU has 7.5)",
-                            "fused_geglu (needs compute capability 8.0 or newer, this GPU has 7.5)")
+    plan = resolve_plan(EngineOptions(preset="fast"), "cuda", "full")
+    assert plan.short_attention is False
+    assert plan.skipped == ("short_attention (needs compute capability 8.0 or newer, this GPU has 7.5)",)
 
 
 def test_without_triton_a_gpu_runs_uncompiled_and_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
