@@ -43,11 +43,13 @@ class Settler:
     """Remembers what each key looked like, to tell finished files from growing ones."""
 
     settle_seconds: float
+    last_look: float = float("-inf")  # the clock reading of the latest look (what settling is measured on)
     _looks: dict[str, _Look] = field(default_factory=dict)
 
     def observe(self, listing: Iterable[ObjectInfo], now: float | None = None) -> dict[str, ObjectInfo]:
         """Record one look; return the settled objects and how long each has been settled."""
         now = time.monotonic() if now is None else now
+        self.last_look = now
         settled: dict[str, ObjectInfo] = {}
         seen: set[str] = set()
         for info in listing:

@@ -197,7 +197,7 @@ class Watcher:
     def run(self, stop: threading.Event) -> None:
         """Scan until ``stop`` is set: at once on a hint, else every ``rescan_seconds``.
         Store or server failures back off exponentially (up to a minute), never crash."""
-        last_hinted_look = float("-inf")
+        last_hinted_look, hinted = float("-inf"), False
         while not stop.is_set():
             probe = None
             try:
@@ -207,6 +207,12 @@ class Watcher:
             except Exception as exc:
                 self._backoff = self._next_backoff()
                 log.error("scan.failed", error=repr(exc)[:500], retry_in=self._backoff)
+            if hinted:
+                # Settling is measured from when a look saw the files (after its listing), so the
+                # next hinted look is due a full settle period after that, not after this look
+                # began: a look scheduled on its start could see the files settled 1 ms short of
+                # the period and leave the job for one more period.
+                last_hinted_look, hinted = self.settler.last_look, False
             if self._backoff:
                 self._back_off(stop, probe)  # hints must not cut a back-off short
                 continue
@@ -221,7 +227,7 @@ class Watcher:
                 self.wake.clear()
                 next_look = max(last_hinted_look + self.settings.settle_seconds, time.monotonic() + BURST_SECONDS)
                 stop.wait(max(0.0, next_look - time.monotonic()))
-                last_hinted_look = time.monotonic()
+                hinted = True
 
     def _maybe_reconcile(self) -> None:
         if self.reconcile is None or time.monotonic() < self._next_reconcile:

@@ -10,6 +10,7 @@ import json
 import shutil
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ import pytest
 from infra.jobs import JobTicket
 from infra.ledger import Ledger
 from infra.settings import Settings
+from infra.store.base import ObjectInfo
 from infra.store.folder import FolderStore
 from infra.watch.folder import start_folder_hints
 from infra.watch.service import Watcher
@@ -111,6 +113,42 @@ def test_a_drop_after_a_quiet_spell_is_looked_at_at_once(make_watcher, tmp_path:
     assert looks[submitting][0] - dropped >= 2.0, "submitted before the files had settled"
     assert len(recorder.calls) == 1
 
+
+
+def test_a_slow_listing_does_not_cost_a_lone_job_another_settle_period(make_watcher, tmp_path: Path) -> None:
+    """Settling is measured from when a look saw the files, after its listing. A hinted look
+    scheduled one settle period after the previous look *began* came a slow listing's length too
+    early, found the files settled for less than the period and left the job for one period more
+    (seen as a flaky CI failure of the test above: a listing 1 ms slower than the next one)."""
+    inbox, recorder = tmp_path / "in", Recorder()
+    watcher = make_watcher(inbox, recorder, settle_seconds=1.0, rescan_seconds=600)
+    time.sleep(1.5)  # a quiet spell: the drop's first look comes at once
+    spec, image = {"prompt": "p"}, png_bytes()
+    whole = {"lone.json": len(json.dumps(spec).encode()), "lone.png": len(image)}
+    looks: list[tuple[bool, bool]] = []  # (both files whole before it, submitted after it)
+    list_inbox, scan_once = watcher.inbox.list, watcher.scan_once
+
+    def slow_first_listing(prefix: str = "") -> Iterator[ObjectInfo]:
+        listing = list(list_inbox(prefix))
+        if not looks:
+            time.sleep(0.3)  # the first look's listing is slow (a big folder, a busy bucket)
+        return iter(listing)
+
+    def counted_scan() -> object:
+        sizes = {name: _size(inbox / name) for name in whole}
+        report = scan_once()
+        looks.append((sizes == whole, bool(recorder.calls)))
+        watcher.wake.set()  # one more event each time: every next look is a hinted one
+        return report
+
+    watcher.inbox.list = slow_first_listing  # type: ignore[method-assign]
+    watcher.scan_once = counted_scan  # type: ignore[method-assign]
+    drop(inbox, "lone", spec, image)
+    wait_for(lambda: any(submitted for _, submitted in looks), timeout=20, what="the submitting look")
+    saw_whole = next(index for index, (complete, _) in enumerate(looks) if complete)
+    submitting = next(index for index, (_, submitted) in enumerate(looks) if submitted)
+    assert submitting == saw_whole + 1, f"submitted at look {submitting}, both files whole at {saw_whole}: {looks}"
+    assert len(recorder.calls) == 1
 
 def _size(path: Path) -> int | None:
     return path.stat().st_size if path.exists() else None
