@@ -107,8 +107,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         os.environ.update({k: sup.env[k] for k in ("PREFECT_API_URL", "PREFECT_LOCAL_STORAGE_PATH")})
         apply_deployments(sup.env, "i2vflow", len(gpus) * slots)
         summary["flow_command"] = _flow_command()
+        summary["flow_forkserver"] = Settings().flow_forkserver
         started = time.time()
-        start_workers(sup, "i2vflow", gpus[:1])
+        start_workers(sup, "i2vflow", gpus[:1], summary["flow_forkserver"])
         summary["first_gpu_worker_ready_s"] = _wait_ready(sup, 1, args.ready_timeout) - started
         from infra.watch.run import build_watcher
 

@@ -6,6 +6,7 @@ rest of ``infra`` never does.
     i2vflow up          # everything on one host: Prefect server, deployments, workers, watcher
     i2vflow watch       # the watcher alone (point PREFECT_API_URL at your server)
     i2vflow gpu-worker  # the warm GPU task worker alone
+    i2vflow flow-worker # the process worker alone, its flow runs forked from a fork server
     i2vflow build-tiny  # build the offline random-weight model into the model cache
     i2vflow campaign plan|run SPEC  # a re-generation campaign: print its plan, or run it now
 """
@@ -56,7 +57,7 @@ def up(port: int = typer.Option(4200, help="Port of the local Prefect server."))
                                   settings.zombie_after_seconds)
         bound = ", ".join(f"GPU {gpu}" for gpu in gpus if gpu is not None) or "CPU"
         _say(f"starting the flow worker and {len(gpus)} GPU worker(s) ({bound}) ...")
-        service.start_workers(sup, settings.work_pool, gpus)
+        service.start_workers(sup, settings.work_pool, gpus, settings.flow_forkserver)
         _say(f"Prefect UI: {api_url.removesuffix('/api')}")
         _say(f"drop an image and a JSON into {_where(settings.inbox)}; videos appear in {_where(settings.outbox)}")
         _say("Ctrl-C stops everything")
@@ -125,6 +126,32 @@ def _watcher_metrics(watcher: object) -> object | None:
     return metrics.OutcomePoller(watcher.inbox_location, settings.deployment,  # type: ignore[attr-defined]
                                  watcher.ledger,  # type: ignore[attr-defined]
                                  interval=settings.metrics_poll_seconds).start()
+
+
+@app.command("flow-worker")
+def flow_worker() -> None:
+    """Run the process worker of I2VFLOW_WORK_POOL, with the fork server its flow runs start
+    from (what `up` starts; on a fleet host, instead of `prefect worker start`), until Ctrl-C."""
+    import sys
+
+    from infra import service
+    from infra.settings import get_settings
+
+    settings = get_settings()
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", os.defpath)])
+    sup = service.Supervisor(env={**os.environ, "PATH": path}, log_dir=None)  # their output is ours
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    try:
+        service.start_flow_worker(sup, settings.work_pool, settings.flow_forkserver)
+        while not stop.wait(1.0):
+            if dead := sup.check():
+                _say(f"{', '.join(dead)} stopped unexpectedly. Stopping.")
+                raise typer.Exit(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sup.stop()
 
 
 @app.command("gpu-worker")

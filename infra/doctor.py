@@ -135,7 +135,7 @@ def _check_pool(client: Any, settings: Settings) -> Check:
             or (w.last_heartbeat_time and now - w.last_heartbeat_time.timestamp() < WORKER_FRESH_SECONDS)]
     if not live:
         return Check("work pool", PROBLEM, f"work pool {name!r} has no live worker: runs stay Scheduled",
-                     f"start one: `prefect worker start --pool {name} --type process`")
+                     f"start one: `i2vflow flow-worker` (I2VFLOW_WORK_POOL={name})")
     return Check("work pool", OK, f"{name!r}: {len(live)} live worker(s) ({', '.join(w.name for w in live)[:200]})")
 
 

@@ -8,6 +8,7 @@ commands an operator would, in their own process groups, and stop all of them on
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -17,8 +18,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from infra import forkserver
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 Progress = Callable[[str], None]
+# What a flow run imports, loaded once by the fork server: Prefect's engine (the module the
+# worker's command runs) and the modules of prefect.yaml's entrypoints.
+FLOW_MODULES = ("prefect.engine", "flows.generate", "flows.campaign")
 
 
 def prefect_env(api_url: str, state_dir: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -62,14 +68,16 @@ class Supervisor:
     """Owns child processes; ``stop()`` ends them all (SIGTERM, then SIGKILL)."""
 
     env: dict[str, str]
-    log_dir: Path
+    log_dir: Path | None  # None: children write to this process's stdout and stderr
     children: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the child
+        log = None
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the child
         child = subprocess.Popen(argv, env=env or self.env, cwd=PROJECT_ROOT, stdout=log,
-                                 stderr=subprocess.STDOUT, start_new_session=True)
+                                 stderr=subprocess.STDOUT if log else None, start_new_session=True)
         self.children[name] = child
         return child
 
@@ -151,12 +159,24 @@ def gpu_worker_bindings(requested: int, gpus: list[str] | None = None) -> list[s
     return list(gpus[: requested or len(gpus)])
 
 
-def start_workers(sup: Supervisor, work_pool: str, gpus: list[str | None] | None = None) -> None:
-    """A process worker (runs flows, one process per run) and one warm GPU task worker per GPU."""
-    sup.start("flow-worker", [sys.executable, "-m", "prefect", "worker", "start",
-                              "--pool", work_pool, "--type", "process"])
+def start_workers(sup: Supervisor, work_pool: str, gpus: list[str | None] | None = None,
+                  use_forkserver: bool = True) -> None:
+    """The flow worker and one warm GPU task worker per GPU."""
+    start_flow_worker(sup, work_pool, use_forkserver)
     for index, gpu in enumerate(gpus or [None]):
         start_gpu_worker(sup, index, gpu)
+
+
+def start_flow_worker(sup: Supervisor, work_pool: str, use_forkserver: bool = True) -> None:
+    """A process worker (one process per flow run) and, on Linux, the fork server those processes
+    are forked from (``infra/forkserver.py``: the command prefect.yaml names asks it, through
+    ``I2VFLOW_FORKSERVER`` in the worker's environment, and starts the engine itself without it)."""
+    if use_forkserver and forkserver.supported():
+        name = f"@i2vflow-forkserver-{secrets.token_hex(6)}"
+        sup.env[forkserver.SOCKET_ENV] = name  # restarted workers keep using it
+        sup.start("flow-forkserver", [sys.executable, "-m", "infra.forkserver", "serve", name, *FLOW_MODULES])
+    sup.start("flow-worker", [sys.executable, "-m", "prefect", "worker", "start",
+                              "--pool", work_pool, "--type", "process"])
 
 
 def start_gpu_worker(sup: Supervisor, index: int = 0, gpu: str | None = None) -> subprocess.Popen[bytes]:

@@ -22,7 +22,9 @@ def test_bench_drop_runs_the_service_with_two_gpu_workers(tmp_path: Path) -> Non
     report = json.loads(out.read_text())
     assert report["gpus"] == [None, None]
     assert report["dropped_image"] == "640x480 JPEG"  # camera-style inputs, not only small PNGs
-    assert report["flow_command"] == "python3 -m prefect.engine"  # one process per flow run (prefect.yaml)
+    # One process per flow run (prefect.yaml), forked from the fork server `up` starts beside the worker.
+    assert report["flow_command"] == "python3 -m infra.forkserver run prefect.engine"
+    assert report["flow_forkserver"] is True
     assert set(report["bytecode"]) == {"prefect_precompiled", "writes_bytecode"}
     assert len(report["jobs"]) == 1 and report["jobs"][0]["overhead_s"] > 0
     one, both = report["flood"]

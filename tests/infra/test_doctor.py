@@ -74,11 +74,13 @@ def test_too_few_gpu_slots_for_staged_renders_is_a_warning_with_the_number(servi
 
 def test_flow_command_on_a_path_without_this_environment_is_a_problem_with_a_fix(
         service, prefect_api: str, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """prefect.yaml starts flow runs as `python3 -m prefect.engine`: a worker whose PATH finds no
-    python3, or another environment's, would fail every run; the doctor names the interpreter."""
+    """prefect.yaml starts flow runs as `python3 -m infra.forkserver run prefect.engine`: a worker
+    whose PATH finds no python3, or another environment's, would fail every run; the doctor names
+    the interpreter."""
     monkeypatch.setenv("PATH", str(tmp_path))
     check = run_checks(settings, prefect_api).get("flow command")
-    assert check.status == PROBLEM and "'python3' of 'python3 -m prefect.engine' is not on PATH" in check.detail
+    assert check.status == PROBLEM, check
+    assert "'python3' of 'python3 -m infra.forkserver run prefect.engine' is not on PATH" in check.detail
     assert str(Path(sys.executable).parent) in check.fix
 
     other = tmp_path / "python3"  # an interpreter of some other environment
