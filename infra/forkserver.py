@@ -64,7 +64,10 @@ def run(module: str, argv: list[str]) -> int:
     name = os.environ.get(SOCKET_ENV, "")
     try:
         conn = _connect(name)
-    except (OSError, ValueError):
+    except ValueError as error:
+        sys.stderr.write(f"i2vflow forkserver not used: {error}\n")
+        os.execv(sys.executable, [sys.executable, "-m", module, *argv])
+    except OSError:  # none running (or restarting): the old path
         os.execv(sys.executable, [sys.executable, "-m", module, *argv])
     with conn:
         request = {"module": module, "argv": argv, "env": dict(os.environ), "cwd": os.getcwd()}
@@ -303,9 +306,11 @@ def _settings_from_environment() -> Iterator[None]:
         yield
         return
     from prefect.context import SettingsContext, get_settings_context
+    from prefect.logging.configuration import setup_logging
     from prefect.settings import Settings
 
     with SettingsContext(profile=get_settings_context().profile, settings=Settings()):
+        setup_logging()  # log levels too: `import prefect` set them from the server's environment
         yield
 
 

@@ -6,11 +6,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
+
+from prefect.settings import get_current_settings  # preloaded by the server, as the engine's imports are
 
 
 def main(args: list[str]) -> int:
@@ -22,6 +25,8 @@ def main(args: list[str]) -> int:
         "value": os.environ.get("FORKSERVER_TEST_VALUE"),
         "server_only": os.environ.get("FORKSERVER_SERVER_ONLY"),
         "subprocess_rc": subprocess.run(["true"]).returncode,  # SIGCHLD as in a fresh interpreter
+        "prefect_api_url": get_current_settings().api.url,
+        "prefect_log_level": logging.getLevelName(logging.getLogger("prefect").getEffectiveLevel()),
     }), flush=True)
     print("to stderr", file=sys.stderr, flush=True)
     if "--wait" in args:

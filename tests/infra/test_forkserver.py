@@ -31,7 +31,8 @@ class Server:
 
     def caller_env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k != "FORKSERVER_SERVER_ONLY"}
-        return {**env, forkserver.SOCKET_ENV: self.name, **extra}
+        return {**env, forkserver.SOCKET_ENV: self.name, "PREFECT_API_URL": "http://caller.invalid/api",
+                "PREFECT_LOGGING_LEVEL": "DEBUG", **extra}
 
 
 @pytest.fixture
@@ -41,7 +42,9 @@ def server(tmp_path: Path) -> Iterator[Server]:
     with log.open("w") as out:
         process = subprocess.Popen([sys.executable, "-m", "infra.forkserver", "serve", name, TARGET],
                                    cwd=PROJECT_ROOT, stdout=out, stderr=subprocess.STDOUT, text=True,
-                                   env={**os.environ, "FORKSERVER_SERVER_ONLY": "server"})
+                                   env={**os.environ, "FORKSERVER_SERVER_ONLY": "server",
+                                        "PREFECT_API_URL": "http://server.invalid/api",
+                                        "PREFECT_LOGGING_LEVEL": "ERROR"})
     wait_for(lambda: "listening" in log.read_text(), timeout=30, interval=0.05, what="the fork server")
     yield Server(name, process, log)
     process.terminate()
@@ -69,6 +72,8 @@ def test_a_run_is_a_fork_of_the_server_with_the_callers_args_env_cwd_and_stdio(s
     assert report["argv"] == ["a b", "--exit", "3"]
     assert report["value"] == "from the caller" and report["server_only"] is None  # the caller's environment
     assert report["cwd"] == str(tmp_path)
+    # Prefect read its settings from the server's environment at import; the run sees the caller's.
+    assert (report["prefect_api_url"], report["prefect_log_level"]) == ("http://caller.invalid/api", "DEBUG")
     assert report["subprocess_rc"] == 0
     assert "to stderr" in result.stderr
     log = server.log.read_text()
@@ -84,6 +89,9 @@ def test_without_a_server_the_caller_runs_the_module_itself(tmp_path: Path) -> N
         report = json.loads(result.stdout.splitlines()[0])
         assert report["ppid"] == os.getpid()  # exec'd in place: the caller's own process
         assert report["value"] == "v" and report["cwd"] == str(tmp_path)
+    result = _call({**os.environ, forkserver.SOCKET_ENV: "/not/an/abstract/name", "PYTHONPATH": str(PROJECT_ROOT)},
+                   tmp_path, "--exit", "5")
+    assert result.returncode == 5 and "must be an abstract socket name" in result.stderr  # said, then run anyway
 
 
 def test_a_module_the_server_did_not_preload_is_refused_clearly(server: Server, tmp_path: Path) -> None:
