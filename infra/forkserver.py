@@ -263,8 +263,7 @@ def _reap_or_kill(child: _Child, selector: selectors.BaseSelector, children: dic
             _reply(child.conn, {"status": code})
         selector.unregister(child.conn)
     selector.unregister(child.pidfd)
-    os.close(child.pidfd)
-    child.conn.close()
+    child.close()
     del children[child.pid]
 
 

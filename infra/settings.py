@@ -55,7 +55,8 @@ class Settings(BaseSettings):
                                   "hand-over (~0.4 s per video measured). 1: no staging.")
     flow_forkserver: bool = Field(True, description="`up` starts flow runs as forks of a process that has "
                                   "imported Prefect and the flows once (infra/forkserver.py; Linux), not as fresh "
-                                  "interpreters: ~1 s less per lone job. false: a fresh interpreter per run.")
+                                  "interpreters: 1.4-1.8 s less per lone job on a GPU host. false: a fresh "
+                                  "interpreter per run.")
     gpu_workers: int = Field(0, ge=0, description="GPU task workers `up` starts, one per card, each bound to "
                              "it; 0: one per visible CUDA device (one on a host without CUDA).")
     render_timeout_seconds: float = Field(1800.0, gt=0)
