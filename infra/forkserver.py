@@ -16,7 +16,8 @@ nothing to clean up and no path-length limit) to fork a child that runs the modu
 ``python -m`` would, with the caller's environment, working directory and stdin/stdout/stderr.
 It forwards the worker's signals to the child and exits with the child's status, so to the
 process worker it looks like the engine itself. Without a server (unset, not answering, not
-Linux) ``run`` exec's ``python -m MODULE`` in place: the old path, one interpreter start slower.
+Linux) or when it refuses, ``run`` exec's ``python -m MODULE`` in place: the old path, one
+interpreter start slower.
 
 The server stays single-threaded (a fork copies only the forking thread), serves only callers
 running as its own user (checked on the socket: abstract sockets have no file permissions),
@@ -46,8 +47,15 @@ _HEADER = struct.Struct("!I")
 
 
 def supported() -> bool:
-    """Fork servers need Linux (abstract sockets, ``os.pidfd_open``: 5.3+); elsewhere ``run`` exec's."""
-    return sys.platform.startswith("linux") and hasattr(os, "pidfd_open")
+    """Fork servers need Linux (abstract sockets, ``os.pidfd_open``: 5.3+, not blocked by a
+    container's seccomp profile); elsewhere ``run`` exec's."""
+    if not sys.platform.startswith("linux") or not hasattr(os, "pidfd_open"):
+        return False
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError:
+        return False
+    return True
 
 
 def _address(name: str) -> str:
@@ -75,8 +83,10 @@ def run(module: str, argv: list[str]) -> int:
         replies = conn.makefile("rb")
         started = json.loads(replies.readline() or b"{}")
         if "error" in started or "pid" not in started:
-            sys.stderr.write(f"i2vflow forkserver {name} refused {module}: {started.get('error', 'no reply')}\n")
-            return 1
+            # The server only saves time: whatever it cannot do, this process does the old way.
+            sys.stderr.write(f"i2vflow forkserver {name} refused {module}: {started.get('error', 'no reply')}; "
+                             "running it here\n")
+            os.execv(sys.executable, [sys.executable, "-m", module, *argv])
         _forward_signals(started["pid"])
         ended = json.loads(replies.readline() or b"{}")
     if "status" not in ended:

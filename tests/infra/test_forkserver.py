@@ -94,10 +94,19 @@ def test_without_a_server_the_caller_runs_the_module_itself(tmp_path: Path) -> N
     assert result.returncode == 5 and "must be an abstract socket name" in result.stderr  # said, then run anyway
 
 
-def test_a_module_the_server_did_not_preload_is_refused_clearly(server: Server, tmp_path: Path) -> None:
-    result = _call(server.caller_env(), tmp_path, module="json.tool")
-    assert result.returncode == 1
-    assert "refused json.tool" in result.stderr and "not one this server preloaded" in result.stderr
+def test_a_module_the_server_did_not_preload_is_refused_and_run_by_the_caller(tmp_path: Path) -> None:
+    name = f"@i2vflow-test-{secrets.token_hex(4)}"
+    other = subprocess.Popen([sys.executable, "-m", "infra.forkserver", "serve", name, "json"], cwd=PROJECT_ROOT,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout is not None and "listening" in other.stdout.readline()
+        env = {**os.environ, forkserver.SOCKET_ENV: name, "PYTHONPATH": str(PROJECT_ROOT)}
+        result = _call(env, tmp_path, "--exit", "6")
+    finally:
+        other.terminate()
+        other.wait(10)
+    assert f"refused {TARGET}" in result.stderr and "not one this server preloaded (json)" in result.stderr
+    assert result.returncode == 6 and json.loads(result.stdout)["ppid"] == os.getpid()  # run in the caller
 
 
 def test_signals_to_the_caller_reach_the_run(server: Server) -> None:
