@@ -191,10 +191,10 @@ def _accept(listener: socket.socket, selector: selectors.BaseSelector, children:
         conn.settimeout(None)
         pid = os.fork()
         if pid == 0:
-            _become_child(request, fds, listener, selector, conn, *children.values())
+            _become_child_or_exit(request, fds, listener, selector, conn, *children.values())
             fds = []
             return request
-        pidfd = os.pidfd_open(pid)
+        pidfd = _track(pid)
     except (OSError, ValueError) as error:
         with contextlib.suppress(OSError):
             _reply(conn, {"error": f"{type(error).__name__}: {error}"})
@@ -278,6 +278,27 @@ def _reap_or_kill(child: _Child, selector: selectors.BaseSelector, children: dic
 
 
 # ---------------------------------------------------------------- the forked child
+
+
+def _track(pid: int) -> int:
+    """A pidfd for the new child; without one it is killed, so its caller can run the module itself."""
+    try:
+        return os.pidfd_open(pid)
+    except OSError:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise
+
+
+def _become_child_or_exit(request: dict[str, object], fds: list[int], *inherited: object) -> None:
+    """A child that cannot be set up exits: it must never go back to serving."""
+    try:
+        _become_child(request, fds, *inherited)
+    except BaseException:  # noqa: BLE001 - anything at all, or this fork would serve callers too
+        import traceback
+
+        traceback.print_exc()
+        os._exit(1)
 
 
 def _become_child(request: dict[str, object], fds: list[int], *inherited: object) -> None:

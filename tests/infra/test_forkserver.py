@@ -6,6 +6,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -141,6 +142,19 @@ def test_the_server_reaps_its_children_and_they_inherit_none_of_its_sockets(serv
     wait_for(lambda: not psutil.Process(server.process.pid).children(), timeout=20, interval=0.1,
              what="no child (or zombie) left under the server")
     assert not sockets, sockets  # neither the listening socket nor another caller's connection
+
+
+def test_a_child_that_cannot_be_set_up_fails_alone_and_the_server_serves_on(server: Server, tmp_path: Path) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.connect("\0" + server.name[1:])
+        forkserver._send_request(conn, {"module": TARGET, "argv": [], "env": server.caller_env(),
+                                        "cwd": str(tmp_path / "gone")})  # chdir fails in the child
+        replies = conn.makefile("rb")
+        started, ended = json.loads(replies.readline()), json.loads(replies.readline())
+    assert "pid" in started and ended == {"status": 1}
+    wait_for(lambda: not psutil.Process(server.process.pid).children(), timeout=20, interval=0.1,
+             what="no stray fork left serving")
+    assert _call(server.caller_env(), tmp_path).returncode == 0  # the server itself serves on
 
 
 def test_the_server_preloads_what_prefect_yaml_runs() -> None:
