@@ -152,7 +152,10 @@ def serve(name: str, modules: list[str]) -> dict[str, object]:
     if not supported():
         raise SystemExit("the i2vflow forkserver needs Linux (os.fork and os.pidfd_open)")
     for module in modules:
-        importlib.import_module(module)
+        try:
+            importlib.import_module(module)
+        except Exception as error:  # noqa: BLE001 - a run that needs it fails in its own process, as it would anyway
+            _say(f"could not preload {module}: {type(error).__name__}: {error}")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(_address(name))
     listener.listen(64)

@@ -23,7 +23,9 @@ from infra import forkserver
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 Progress = Callable[[str], None]
 # What a flow run imports, loaded once by the fork server: Prefect's engine (the module the
-# worker's command runs) and the modules of prefect.yaml's entrypoints.
+# worker's command runs) and the modules of prefect.yaml's entrypoints. Not more: also preloading
+# what a run imports later (prefect.flow_engine, task_engine, task_worker, runner, ...: 0.14 s of
+# imports) made every forked run wait 2.3 s to submit its render (docs/performance.md).
 FLOW_MODULES = ("prefect.engine", "flows.generate", "flows.campaign")
 
 

@@ -157,6 +157,21 @@ def test_a_child_that_cannot_be_set_up_fails_alone_and_the_server_serves_on(serv
     assert _call(server.caller_env(), tmp_path).returncode == 0  # the server itself serves on
 
 
+def test_a_module_that_fails_to_preload_is_said_and_the_server_serves_on(tmp_path: Path) -> None:
+    name = f"@i2vflow-test-{secrets.token_hex(4)}"
+    other = subprocess.Popen([sys.executable, "-m", "infra.forkserver", "serve", name, "no_such_module_here", TARGET],
+                             cwd=PROJECT_ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout is not None
+        said = [other.stdout.readline(), other.stdout.readline()]
+        assert "could not preload no_such_module_here: ModuleNotFoundError" in said[0] and "listening" in said[1]
+        result = _call({**os.environ, forkserver.SOCKET_ENV: name}, tmp_path, "--exit", "2")
+    finally:
+        other.terminate()
+        other.wait(10)
+    assert result.returncode == 2 and json.loads(result.stdout)["ppid"] == other.pid
+
+
 def test_the_server_preloads_what_prefect_yaml_runs() -> None:
     config = yaml.safe_load((PROJECT_ROOT / "prefect.yaml").read_text())
     entrypoints = {d["entrypoint"].rsplit(".", 1)[0] for d in config["deployments"]}
