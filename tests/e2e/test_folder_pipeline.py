@@ -131,7 +131,14 @@ def test_bad_inputs_get_specific_error_files_and_a_fix_gives_the_video(start_wat
             assert report["problems"][0]["field"] == field, (stem, report)
         assert not (outbox / f"{stem}.mp4").exists()
     assert tree_digest(inbox) == before, "bad inputs must be left untouched"
-    runs = flow_runs_named([f"wrong-type-{json.loads((outbox / 'wrong-type.error.json').read_text())['job_id'][:6]}"])
+    name = f"wrong-type-{json.loads((outbox / 'wrong-type.error.json').read_text())['job_id'][:6]}"
+    # The flow writes the error file, then ends Failed: its final state may land a moment later
+    # (one retried API call on the SQLite server is ~2.4 s).
+    def all_final() -> list | None:
+        runs = flow_runs_named([name])
+        return runs if runs and all(r.state and r.state.is_final() for r in runs) else None
+
+    runs = wait_for(all_final, timeout=30, what="the bad input's run final")
     assert len(runs) == 1 and runs[0].state.is_failed() and runs[0].run_count == 1, "bad input: no retries"
 
     # The user fixes the JSON and drops it again: a new job, a video, the stale error removed.
