@@ -132,14 +132,12 @@ def _watcher_metrics(watcher: object) -> object | None:
 def flow_worker() -> None:
     """Run the process worker of I2VFLOW_WORK_POOL, with the fork server its flow runs start
     from (what `up` starts; on a fleet host, instead of `prefect worker start`), until Ctrl-C."""
-    import sys
-
     from infra import service
     from infra.settings import get_settings
 
     settings = get_settings()
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", os.defpath)])
-    sup = service.Supervisor(env={**os.environ, "PATH": path}, log_dir=None)  # their output is ours
+    env = {**os.environ, "PATH": service.this_python_first(os.environ.get("PATH"))}
+    sup = service.Supervisor(env=env, log_dir=None)  # their output is ours
     stop = threading.Event()
     _stop_on_signals(stop)
     try:

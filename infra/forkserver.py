@@ -40,6 +40,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
+from typing import NoReturn
 
 SOCKET_ENV = "I2VFLOW_FORKSERVER"
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
@@ -74,9 +75,9 @@ def run(module: str, argv: list[str]) -> int:
         conn = _connect(name)
     except ValueError as error:
         sys.stderr.write(f"i2vflow forkserver not used: {error}\n")
-        os.execv(sys.executable, [sys.executable, "-m", module, *argv])
-    except OSError:  # none running (or restarting): the old path
-        os.execv(sys.executable, [sys.executable, "-m", module, *argv])
+        _run_here(module, argv)
+    except OSError:  # none running (or restarting, or not Linux): the old path
+        _run_here(module, argv)
     with conn:
         request = {"module": module, "argv": argv, "env": dict(os.environ), "cwd": os.getcwd()}
         _send_request(conn, request)
@@ -86,7 +87,7 @@ def run(module: str, argv: list[str]) -> int:
             # The server only saves time: whatever it cannot do, this process does the old way.
             sys.stderr.write(f"i2vflow forkserver {name} refused {module}: {started.get('error', 'no reply')}; "
                              "running it here\n")
-            os.execv(sys.executable, [sys.executable, "-m", module, *argv])
+            _run_here(module, argv)
         _forward_signals(started["pid"])
         ended = json.loads(replies.readline() or b"{}")
     if "status" not in ended:
@@ -95,9 +96,13 @@ def run(module: str, argv: list[str]) -> int:
     return _exit_like(ended["status"])
 
 
+def _run_here(module: str, argv: list[str]) -> NoReturn:
+    os.execv(sys.executable, [sys.executable, "-m", module, *argv])
+
+
 def _connect(name: str) -> socket.socket:
-    if not name or not supported():
-        raise FileNotFoundError(name)
+    if not name:
+        raise FileNotFoundError("no fork server named")
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         conn.connect(_address(name))

@@ -37,9 +37,7 @@ def prefect_env(api_url: str, state_dir: Path, extra: dict[str, str] | None = No
     """
     env = dict(os.environ)
     env.update({
-        # prefect.yaml starts flow runs with `python3 -m prefect.engine` from the worker's PATH:
-        # this interpreter's, whether or not its virtual environment was activated.
-        "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", os.defpath)]),
+        "PATH": this_python_first(env.get("PATH")),
         "PREFECT_API_URL": api_url,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_LOCAL_STORAGE_PATH": str((state_dir / "prefect-results").resolve()),
@@ -55,6 +53,12 @@ def prefect_env(api_url: str, state_dir: Path, extra: dict[str, str] | None = No
     })
     env.update(extra or {})
     return env
+
+
+def this_python_first(path: str | None) -> str:
+    """PATH with this interpreter's bin first: prefect.yaml starts flow runs with `python3 ...`
+    from the worker's PATH, which must be this environment's whether or not it was activated."""
+    return os.pathsep.join([str(Path(sys.executable).parent), path or os.defpath])
 
 
 def api_healthy(api_url: str, timeout: float = 2.0) -> bool:
