@@ -56,7 +56,7 @@ def build_watcher(settings: Settings | None = None) -> tuple[Watcher, Callable[[
     closers: list[Callable[[], None]] = [ledger.close, submitter.close]
     hints: list[object] = []
     if kind == "folder":
-        observer = start_folder_hints(Path(inbox_location), watcher.wake)
+        observer = start_folder_hints(Path(inbox_location), watcher.wake, watcher.vouch)
         closers.insert(0, lambda: (observer.stop(), observer.join(5)))
         hints.append(observer)
     else:

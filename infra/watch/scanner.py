@@ -2,14 +2,16 @@
 
 Why: events lie (missed, doubled, early), so the truth is a listing compared with the
 previous one. A file is *settled* once two looks at least ``settle_seconds`` apart saw the same
-size and version. A candidate is an image and its same-named JSON (either may arrive first);
-with a ``_defaults.json`` at or above it, an image alone is a job too, once it has been settled
-for ``grace_seconds`` without its JSON showing up (so a JSON a moment behind its image is not
-missed).
+size and version, or at the first look that sees the exact size and version a hint vouched for
+(a folder's close event: its writer is done, so a second look would only add latency).
+A candidate is an image and its same-named JSON (either may arrive first); with a
+``_defaults.json`` at or above it, an image alone is a job too, once it has been settled for
+``grace_seconds`` without its JSON showing up (so a JSON a moment behind its image is not missed).
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -45,25 +47,40 @@ class Settler:
     settle_seconds: float
     last_look: float = float("-inf")  # the clock reading of the latest look (what settling is measured on)
     _looks: dict[str, _Look] = field(default_factory=dict)
+    # Written by a hint thread, read by the looks: (size, version) whose writer is known done.
+    _vouched: dict[str, tuple[int, str]] = field(default_factory=dict)
+    _vouched_lock: threading.Lock = field(default_factory=threading.Lock)
+    _carried: dict[str, tuple[int, str]] = field(default_factory=dict)  # vouched, not listed yet
+
+    def vouch(self, info: ObjectInfo) -> None:
+        """Record that ``info``'s writer has finished it; the next look that sees exactly this
+        size and version takes it as settled at once. Any other version settles as usual."""
+        with self._vouched_lock:
+            self._vouched[info.key] = (info.size, info.version)
 
     def observe(self, listing: Iterable[ObjectInfo], now: float | None = None) -> dict[str, ObjectInfo]:
         """Record one look; return the settled objects and how long each has been settled."""
         now = time.monotonic() if now is None else now
         self.last_look = now
+        with self._vouched_lock:
+            fresh, self._vouched = self._vouched, {}
+        vouched = {**self._carried, **fresh}
         settled: dict[str, ObjectInfo] = {}
         seen: set[str] = set()
         for info in listing:
             seen.add(info.key)
+            whole = vouched.get(info.key) == (info.size, info.version)
             look = self._looks.get(info.key)
             if look is None or (look.size, look.version) != (info.size, info.version):
-                self._looks[info.key] = _Look(info.size, info.version, now)
-                continue
-            if look.settled_since is None and now - look.first_seen >= self.settle_seconds:
+                look = self._looks[info.key] = _Look(info.size, info.version, now)
+            if look.settled_since is None and (whole or now - look.first_seen >= self.settle_seconds):
                 look.settled_since = now
             if look.settled_since is not None:
                 settled[info.key] = info
         for gone in self._looks.keys() - seen:
             del self._looks[gone]
+        # A vouch that came while the listing ran may name a file it missed: keep it one more look.
+        self._carried = {key: value for key, value in fresh.items() if key not in seen}
         return settled
 
     def settled_for(self, key: str, now: float | None = None) -> float:

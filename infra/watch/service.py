@@ -98,6 +98,18 @@ class Watcher:
         metrics.observe_scan(report, self.ledger.counts)
         return report
 
+    def vouch(self, key: str) -> None:
+        """A hint source's word that ``key``'s writer is done (a folder's close event): the
+        version it has now needs no second look. Called from the hint thread; never raises."""
+        if is_ignored(key):
+            return
+        try:
+            info = self.inbox.stat(key)
+        except (OSError, StoreError, UnsafeKeyError):
+            return  # gone, or refused: the listing decides
+        if info is not None:
+            self.settler.vouch(info)
+
     def _safe_ticket(self, candidate: Candidate, settled: dict[str, ObjectInfo]) -> JobTicket | None:
         """A ticket, a refused ticket (unsafe name or link), or None; one bad file never
         stops the scan of the others."""

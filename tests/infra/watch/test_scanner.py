@@ -21,6 +21,21 @@ def test_a_file_settles_only_after_two_equal_looks_apart() -> None:
     assert settler.observe([], now=4.0) == {} and settler.unsettled() == set()
 
 
+def test_a_vouched_version_settles_at_its_first_look_and_no_other() -> None:
+    settler = Settler(settle_seconds=1.0)
+    settler.vouch(_info("a.png", 9))
+    settler.vouch(_info("b.png", 9))
+    settler.vouch(_info("late.png", 4))
+    seen = settler.observe([_info("a.png", 9), _info("b.png", 5)], now=0.0)
+    assert list(seen) == ["a.png"], "b.png grew after its writer closed it: the listing's version was never vouched"
+    assert settler.unsettled() == {"b.png"}
+    settler.vouch(_info("b.png", 5))  # a late close event for what the last look already saw
+    assert set(settler.observe([_info("a.png", 9), _info("b.png", 5)], now=0.1)) == {"a.png", "b.png"}
+    assert list(settler.observe([_info("late.png", 4)], now=0.2)) == [], "a vouch is carried one look, no more"
+    assert settler.observe([_info("late.png", 4)], now=0.3) == {}
+    assert list(settler.observe([_info("late.png", 4)], now=1.3)) == ["late.png"], "then two looks, as ever"
+
+
 def _pair(keys: list[str], unsettled: set[str] = frozenset(), settled_for: float = 10.0):
     settled = {k: _info(k) for k in keys}
     return pair(settled, set(unsettled), {k: settled_for for k in keys}, grace_seconds=1.0)

@@ -43,14 +43,16 @@ class Recorder:
 def make_watcher(tmp_path: Path):
     stops: list[tuple[threading.Event, threading.Thread, object]] = []
 
-    def make(inbox: Path, recorder: Recorder, state: Path | None = None, **overrides: float) -> Watcher:
+    def make(inbox: Path, recorder: Recorder, state: Path | None = None, close_events: bool = True,
+             **overrides: float) -> Watcher:
         timing = {"rescan_seconds": 0.5, "settle_seconds": 0.2, **overrides}
         settings = Settings(inbox=str(inbox), outbox=str(tmp_path / "out"), state_dir=state or tmp_path / "st",
                             **timing)
         inbox.mkdir(parents=True, exist_ok=True)
         watcher = Watcher(settings, FolderStore(inbox), str(inbox), str(tmp_path / "out"),
                           Ledger(settings.ledger_path), recorder.submit, lambda *_: None)
-        observer = start_folder_hints(inbox, watcher.wake)
+        # Without close events the watcher sees what a network share or a new subfolder gives it.
+        observer = start_folder_hints(inbox, watcher.wake, watcher.vouch if close_events else None)
         stop = threading.Event()
         thread = threading.Thread(target=watcher.run, args=(stop,), daemon=True)
         thread.start()
@@ -80,15 +82,34 @@ def test_a_slowly_written_image_becomes_one_job_after_it_settles(make_watcher, t
     assert recorder.calls[0].image_sha256 == __import__("hashlib").sha256(data).hexdigest()
 
 
+def test_files_closed_or_renamed_into_place_go_out_at_the_first_look(make_watcher, tmp_path: Path) -> None:
+    """A close event (or a rename into place) says the writer is done, so the pair needs no
+    second look a settle period later: a lone drop is submitted well within one settle period."""
+    inbox, recorder = tmp_path / "in", Recorder()
+    make_watcher(inbox, recorder, settle_seconds=3.0, rescan_seconds=600)
+    time.sleep(0.5)
+    image = png_bytes(color=(9, 9, 9))
+    dropped = time.monotonic()
+    (inbox / "fast.json").write_text(json.dumps({"prompt": "p"}))
+    (inbox / ".fast.png.part").write_bytes(image)  # a copy tool's temp name, then a rename
+    (inbox / ".fast.png.part").rename(inbox / "fast.png")
+    wait_for(lambda: recorder.calls, timeout=20, interval=0.02, what="submission")
+    assert time.monotonic() - dropped < 2.0, "waited for a settle period although both files were finished"
+    assert recorder.calls[0].image_sha256 == __import__("hashlib").sha256(image).hexdigest()
+    time.sleep(3.5)
+    assert len(recorder.calls) == 1
+
+
 def test_a_drop_after_a_quiet_spell_is_looked_at_at_once(make_watcher, tmp_path: Path) -> None:
     """The settle clock starts at the first look, so a look held back by a settle period adds
-    that period to every lone job's latency: one settle after the drop, not two.
+    that period to every lone job's latency: one settle after the drop, not two. (Files with
+    no close event, as on a network share: closed files go out at once, the test above.)
 
     Counted in looks, not in wall time: on a loaded box the two writes can land in two looks,
     which rightly costs a settle more; what must hold is that the first look is prompt and the
     job goes out at the first look a settle period after one that saw both files whole."""
     inbox, recorder = tmp_path / "in", Recorder()
-    watcher = make_watcher(inbox, recorder, settle_seconds=2.0, rescan_seconds=600)
+    watcher = make_watcher(inbox, recorder, settle_seconds=2.0, rescan_seconds=600, close_events=False)
     time.sleep(2.5)  # longer than a settle period since the start-up look: a quiet spell
     spec, image = {"prompt": "p"}, png_bytes()
     whole = {"lone.json": len(json.dumps(spec).encode()), "lone.png": len(image)}
@@ -121,7 +142,7 @@ def test_a_slow_listing_does_not_cost_a_lone_job_another_settle_period(make_watc
     early, found the files settled for less than the period and left the job for one period more
     (seen as a flaky CI failure of the test above: a listing 1 ms slower than the next one)."""
     inbox, recorder = tmp_path / "in", Recorder()
-    watcher = make_watcher(inbox, recorder, settle_seconds=1.0, rescan_seconds=600)
+    watcher = make_watcher(inbox, recorder, settle_seconds=1.0, rescan_seconds=600, close_events=False)
     time.sleep(1.5)  # a quiet spell: the drop's first look comes at once
     spec, image = {"prompt": "p"}, png_bytes()
     whole = {"lone.json": len(json.dumps(spec).encode()), "lone.png": len(image)}
