@@ -278,7 +278,7 @@ def _phases(run: Any, sidecar: dict[str, Any]) -> dict[str, float]:
         "render_submitted_to_task_start": gap(render.created, render.start_time),
         "render_task_minus_render": round(gap(render.start_time, render.end_time) - render_s, 3),
         "render_task_end_to_video": round(sidecar["at"] - render.end_time.timestamp(), 3),
-        "encode": sidecar["timings_seconds"].get("encode", 0.0),
+        "encode": sidecar["timings_seconds"]["encode_on_gpu_worker"],  # inside the render task
     }
 
 

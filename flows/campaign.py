@@ -1,8 +1,8 @@
 """Flow: a campaign re-renders a selection of the inbox, with variants, into a dated slot.
 
 Why this shape: each item goes through the same tasks as a live drop (load-inputs with the
-campaign's overrides, render-frames on the warm GPU task worker under the same ``gpu`` limit,
-encode-mp4, publish-video), so retries, sidecars and error reports are the same. Live drops keep
+campaign's overrides, render-video on the warm GPU task worker under the same ``gpu`` limit,
+publish-video), so retries, sidecars and error reports are the same. Live drops keep
 flowing because the campaign keeps at most ``in_flight`` renders queued at the GPU worker (1 for
 ``priority: low``): a live drop's render waits behind at most that many campaign renders. Items
 whose sidecar already exists in the slot are skipped, so a rerun or a resume renders only what
@@ -48,10 +48,9 @@ from infra.settings import get_settings
 from infra.spec import BadInputError
 from infra.store import open_store
 from tasks.campaign import contact_sheet, local_path, plan, write_report
-from tasks.encode import encode_video
 from tasks.inputs import InputChangedError, PreparedJob, load_inputs
 from tasks.publish import publish_video, write_error_report
-from tasks.render import await_render, render_frames
+from tasks.render import await_render, render_video
 
 log = structlog.get_logger("i2vflow.campaign")
 
@@ -245,7 +244,7 @@ def _start(
         job = load_inputs(ticket, item.overrides)
         timings = {"load_inputs": round(time.perf_counter() - t0, 3)}
         with tags(f"model:{job.model}", f"campaign:{campaign.name}"):
-            future = render_frames.delay(job)
+            future = render_video.delay(job)
     except BadInputError as exc:
         write_error_report(ticket, exc.report)
         return _row(item, "failed", begun, error=exc.report.message)
@@ -255,17 +254,14 @@ def _start(
 
 
 def _finish(entry: _InFlight, campaign: CampaignSpec, slot: str, timeout: float) -> dict[str, Any]:
-    """Wait for the render, encode, publish; a failure becomes the item's error report."""
+    """Wait for the render (and its MP4), publish; a failure becomes the item's error report."""
     timings = entry.timings
     try:
         t0 = time.perf_counter()
         rendered = await_render(entry.future, timeout)
         timings["render"] = round(time.perf_counter() - t0, 3)
-        t0 = time.perf_counter()
-        video = encode_video(rendered.frames, entry.job.spec.fps)
-        timings["encode"] = round(time.perf_counter() - t0, 3)
         timings["total_before_publish"] = round(time.perf_counter() - entry.started, 3)
-        sidecar = build_sidecar(entry.ticket, entry.job, rendered, video, timings)
+        sidecar = build_sidecar(entry.ticket, entry.job, rendered, timings)
         sidecar["campaign"] = {
             "name": campaign.name,
             "run_date": slot,
@@ -273,7 +269,7 @@ def _finish(entry: _InFlight, campaign: CampaignSpec, slot: str, timeout: float)
             "overrides": entry.item.overrides,
             "input_stem": entry.item.job.stem,
         }
-        sidecar = publish_video(entry.ticket, video, sidecar)
+        sidecar = publish_video(entry.ticket, rendered.video, sidecar)
     except Exception as exc:
         log.warning("campaign.item_failed", campaign=campaign.name, item=entry.item.output_stem, error=repr(exc))
         try:

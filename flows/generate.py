@@ -20,16 +20,15 @@ from infra.jobs import JobTicket
 from infra.logging import configure_logging
 from infra.settings import get_settings
 from infra.spec import BadInputError, ErrorReport, FieldProblem
-from tasks.encode import encode_video
 from tasks.inputs import InputChangedError, PreparedJob, load_inputs
 from tasks.publish import i2vflow_version, publish_video, write_error_report
-from tasks.render import OrphanedRender, RenderedFrames, RenderFailed, await_render, render_frames
+from tasks.render import OrphanedRender, RenderedVideo, RenderFailed, await_render, render_video
 
 
 @flow(name="generate-video", log_prints=False, retries=0)
 def generate_video(ticket: JobTicket) -> State:
-    """1. load and validate inputs, 2. render frames on the GPU worker, 3. encode the MP4,
-    4. publish video and sidecar. Bad input ends the run with an error file, no retries."""
+    """1. load and validate inputs, 2. render and encode the MP4 on the GPU worker,
+    3. publish video and sidecar. Bad input ends the run with an error file, no retries."""
     settings = get_settings()
     configure_logging(settings.resolved_log_file)
     log = structlog.get_logger("i2vflow.flow").bind(job_id=ticket.job_id, input_key=ticket.stem)
@@ -49,18 +48,17 @@ def generate_video(ticket: JobTicket) -> State:
         return Failed(message=f"render failed: {exc}")
     # Anything else (store or server unreachable, a GPU worker lost repeatedly) is the
     # operator's problem, not the user's: the run fails loudly and the reconciler retries it.
-    video = _timed(timings, "encode", encode_video, rendered.frames, job.spec.fps)
     timings["total_before_publish"] = round(time.perf_counter() - started, 3)
-    sidecar = publish_video(ticket, video, build_sidecar(ticket, job, rendered, video, timings))
+    sidecar = publish_video(ticket, rendered.video, build_sidecar(ticket, job, rendered, timings))
     log.info("job.done", video_key=sidecar["video"]["key"], seconds=timings)
     return Completed(message=f"video {sidecar['video']['url']}", data=sidecar)
 
 
-def render_on_gpu_worker(job: PreparedJob, timeout: float, resubmits: int = 2) -> RenderedFrames:
+def render_on_gpu_worker(job: PreparedJob, timeout: float, resubmits: int = 2) -> RenderedVideo:
     """Hand the render to the warm GPU worker; if that worker dies mid-render, submit again."""
     for attempt in range(resubmits + 1):
         with tags(f"model:{job.model}"):
-            future = render_frames.delay(job)
+            future = render_video.delay(job)
         try:
             return await_render(future, timeout)
         except OrphanedRender:
@@ -84,11 +82,11 @@ def render_failure_report(exc: RenderFailed) -> ErrorReport:
     return ErrorReport(error="render_failed", message=problem.problem, problems=[problem])
 
 
-def build_sidecar(ticket: JobTicket, job: PreparedJob, rendered: RenderedFrames, video: Any,
-             timings: dict[str, float]) -> dict[str, Any]:
+def build_sidecar(ticket: JobTicket, job: PreparedJob, rendered: RenderedVideo,
+                  timings: dict[str, float]) -> dict[str, Any]:
     from infra.engine.registry import NOISE_WARNING
 
-    engine = rendered.engine
+    engine, video = rendered.engine, rendered.video
     return {
         "i2vflow_version": i2vflow_version(),
         "job_id": ticket.job_id,
@@ -108,6 +106,7 @@ def build_sidecar(ticket: JobTicket, job: PreparedJob, rendered: RenderedFrames,
         "width": video.width, "height": video.height,
         "timings_seconds": {**timings, "model_load": engine["load_seconds"],
                             "render_on_model": engine["render_seconds"],
+                            "encode_on_gpu_worker": engine["encode_seconds"],
                             "waiting_for_gpu": engine["wait_seconds"]},
         "engine": {k: engine[k] for k in ("device", "dtype", "memory_mode", "pid", "model_loads_in_process",
                                           "oom_fallback_used", "speed", "steps_run")},

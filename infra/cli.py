@@ -161,7 +161,7 @@ def gpu_worker(warm: bool = typer.Option(True, help="Load the model before takin
     from infra.logging import configure_logging
     from infra.results import start_result_pruner
     from infra.settings import get_settings
-    from tasks.render import engine_options, render_frames, warmup_requests
+    from tasks.render import engine_options, render_video, warmup_requests
 
     settings = get_settings()
     configure_logging(settings.resolved_log_file)
@@ -176,7 +176,7 @@ def gpu_worker(warm: bool = typer.Option(True, help="Load the model before takin
     heartbeat.start()
     pruner = start_result_pruner(settings.result_ttl_seconds)
     try:
-        serve(render_frames, limit=settings.gpu_worker_slots)
+        serve(render_video, limit=settings.gpu_worker_slots)
     finally:
         heartbeat.stop()
         if pruner is not None:

@@ -24,8 +24,8 @@ from typing import Any
 from infra.settings import Settings
 
 OK, WARN, SKIPPED, PROBLEM = "OK", "WARN", "SKIPPED", "PROBLEM"
-RENDER_TASK = "render-frames"
-RENDER_TASK_KEY = "render_frames-"  # Prefect's task key: the function's name, then a hash of its source
+RENDER_TASK = "render-video"
+RENDER_TASK_KEY = "render_video-"  # Prefect's task key: the function's name, then a hash of its source
 WORKER_FRESH_SECONDS = 90.0
 
 

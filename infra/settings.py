@@ -36,7 +36,8 @@ class Settings(BaseSettings):
 
     # Watcher.
     rescan_seconds: float = Field(2.0, gt=0, description="Full rescan interval (the truth).")
-    settle_seconds: float = Field(0.5, ge=0, description="Min gap between the two looks that settle a file no close event vouched for.")
+    settle_seconds: float = Field(
+        0.5, ge=0, description="Min gap between the two looks that settle a file no close event vouched for.")
     submit_lease_seconds: float = Field(30.0, gt=0, description="A dead submitter's claim expires after this.")
     reconcile_seconds: float = Field(60.0, gt=0, description="How often ledger, runs and outbox are compared.")
     max_reschedules: int = Field(3, ge=0, description="Times the reconciler retries a crashed run.")

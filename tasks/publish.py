@@ -10,14 +10,13 @@ from __future__ import annotations
 import json
 import re
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 from typing import Any
 
 import structlog
 from prefect import runtime, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
-from infra.engine.video import VideoInfo
+from infra.engine.video import EncodedVideo
 from infra.jobs import JobTicket
 from infra.orchestrator import emit_job_event
 from infra.settings import get_settings
@@ -42,16 +41,15 @@ def _artifact_key(ticket: JobTicket, kind: str) -> str:
 
 
 @task(name="publish-video", retries=3, retry_delay_seconds=[2, 10, 30])
-def publish_video(ticket: JobTicket, video: VideoInfo, sidecar: dict[str, Any]) -> dict[str, Any]:
+def publish_video(ticket: JobTicket, video: EncodedVideo, sidecar: dict[str, Any]) -> dict[str, Any]:
     """1. upload the MP4, 2. write the sidecar, 3. clear a stale error file, 4. artifacts, event."""
     settings = get_settings()
     outbox = open_store(ticket.outbox, settings)
     video_key, sidecar_key = ticket.output_key(".mp4"), ticket.output_key(".json")
-    outbox.write_file(video_key, str(video.path), content_type="video/mp4")
+    outbox.write(video_key, video.data, content_type="video/mp4")
     sidecar = {**sidecar, "video": {"key": video_key, "url": outbox.url(video_key), "bytes": video.bytes}}
     outbox.write(sidecar_key, json.dumps(sidecar, indent=2, default=str).encode(), "application/json")
     outbox.delete(ticket.output_key(".error.json"))
-    Path(video.path).unlink(missing_ok=True)
     _video_artifacts(ticket, outbox, video_key, sidecar)
     emit_job_event("video.published", ticket, video_key=video_key, url=outbox.url(video_key))
     log.info("video.published", job_id=ticket.job_id, input_key=ticket.stem, video_key=video_key)

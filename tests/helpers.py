@@ -77,10 +77,10 @@ def flow_runs_named(names: list[str]) -> list[Any]:
 
 
 def render_task_run(flow_run_id: Any) -> Any:
-    """The last render-frames task run a flow run submitted (earlier ones lost their worker)."""
+    """The last render-video task run a flow run submitted (earlier ones lost their worker)."""
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return max((run for run in runs if run.name.startswith("render-frames")), key=lambda run: run.created)
+    return max((run for run in runs if run.name.startswith("render-video")), key=lambda run: run.created)

@@ -4,12 +4,15 @@ Why: ``imageio_ffmpeg.write_frames`` with an odd width or height writes a 0-byte
 raises nothing (FIELD-NOTES). So ``encode_mp4`` refuses odd sizes up front, writes to a temp
 name beside the target (a watcher or a reader never sees half a file), counts the frames
 back and only then renames into place. ``probe_mp4`` is the same check for anyone else.
+``encode_mp4_bytes`` is the same encoding, handed back in memory: the GPU worker encodes where
+the frames are and sends the MP4, a small fraction of the frames' size, to the flow.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +29,19 @@ class VideoInfo:
     """What an MP4 really holds, as read back from the file."""
 
     path: Path
+    frames: int
+    fps: float
+    width: int
+    height: int
+    bytes: int
+    seconds: float
+
+
+@dataclass
+class EncodedVideo:
+    """A verified MP4 in memory (``data``) and what it holds, as read back from it."""
+
+    data: bytes
     frames: int
     fps: float
     width: int
@@ -83,6 +99,15 @@ def encode_mp4(frames: np.ndarray, fps: int, path: Path) -> VideoInfo:
             temp.unlink()
     info.path = path
     return info
+
+
+def encode_mp4_bytes(frames: np.ndarray, fps: int) -> EncodedVideo:
+    """``encode_mp4`` into a temporary folder, verified the same way, and returned as bytes."""
+    with tempfile.TemporaryDirectory(prefix="i2vflow-encode-") as folder:
+        info = encode_mp4(frames, fps, Path(folder) / "video.mp4")
+        data = info.path.read_bytes()
+    return EncodedVideo(data=data, frames=info.frames, fps=info.fps, width=info.width, height=info.height,
+                        bytes=len(data), seconds=info.seconds)
 
 
 def _write(frames: np.ndarray, fps: float, path: Path) -> None:

@@ -35,7 +35,7 @@ def _a_render_is_running() -> bool:
     )
     from prefect.client.schemas.objects import StateType
 
-    running = TaskRunFilter(name=TaskRunFilterName(like_="render-frames"),
+    running = TaskRunFilter(name=TaskRunFilterName(like_="render-video"),
                             state=TaskRunFilterState(type=TaskRunFilterStateType(any_=[StateType.RUNNING])))
     with get_client(sync_client=True) as client:
         return bool(client.read_task_runs(task_run_filter=running))

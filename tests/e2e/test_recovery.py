@@ -178,7 +178,7 @@ def _job_runs(handle) -> dict[str, str]:
 
 
 def _task_runs(flow_run_id: str, name: str) -> list:
-    """Task runs of one flow run whose name starts with ``name`` (render-frames, publish-video)."""
+    """Task runs of one flow run whose name starts with ``name`` (render-video, publish-video)."""
     from uuid import UUID
 
     from prefect import get_client

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from infra.engine.engine import Engine, RenderRequest
-from infra.engine.video import VideoEncodeError, encode_mp4, probe_mp4
+from infra.engine.video import VideoEncodeError, encode_mp4, encode_mp4_bytes, probe_mp4
 
 
 def _frames(count: int, height: int, width: int) -> np.ndarray:
@@ -28,6 +28,24 @@ def test_encode_round_trip_counts_frames_size_and_fps(tmp_path: Path) -> None:
     assert info.seconds == pytest.approx(1.5, abs=0.2)
     assert probe_mp4(path) == info
     assert [p.name for p in path.parent.iterdir()] == ["clip.mp4"]  # no temp file left
+
+
+def test_encode_to_bytes_is_the_same_verified_mp4_and_leaves_no_file(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # read TMPDIR again
+    frames = _frames(10, 48, 64)
+
+    video = encode_mp4_bytes(frames, 5)
+
+    assert video.data[4:8] == b"ftyp" and video.bytes == len(video.data)
+    copy = tmp_path / "copy.mp4"
+    copy.write_bytes(video.data)
+    info = probe_mp4(copy)
+    assert (video.frames, video.width, video.height, video.fps) == (info.frames, 64, 48, 5.0) == (10, 64, 48, 5.0)
+    assert video.seconds == info.seconds
+    assert [p.name for p in tmp_path.iterdir()] == ["copy.mp4"], "the temporary folder is gone"
 
 
 @pytest.mark.parametrize(("height", "width"), [(63, 64), (64, 65)])
