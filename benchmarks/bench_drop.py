@@ -268,6 +268,7 @@ def _phases(run: Any, sidecar: dict[str, Any]) -> dict[str, float]:
     the hand-over to the GPU worker, and what follows the render."""
     render = render_task_run(run.id)
     render_s = sidecar["timings_seconds"]["render_on_model"]
+    encode = sidecar["timings_seconds"]["encode_on_gpu_worker"]
 
     def gap(a: Any, b: Any) -> float:
         return round(b.timestamp() - a.timestamp(), 3)
@@ -276,9 +277,9 @@ def _phases(run: Any, sidecar: dict[str, Any]) -> dict[str, float]:
         "run_created_to_flow_start": gap(run.created, run.start_time),
         "flow_start_to_render_submitted": gap(run.start_time, render.created),
         "render_submitted_to_task_start": gap(render.created, render.start_time),
-        "render_task_minus_render": round(gap(render.start_time, render.end_time) - render_s, 3),
+        "render_task_minus_render_and_encode": round(gap(render.start_time, render.end_time) - render_s - encode, 3),
         "render_task_end_to_video": round(sidecar["at"] - render.end_time.timestamp(), 3),
-        "encode": sidecar["timings_seconds"]["encode_on_gpu_worker"],  # inside the render task
+        "encode": encode,  # on the GPU worker, inside the render task
     }
 
 
@@ -299,12 +300,15 @@ def _latency_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _gpu_gaps(videos: list[dict[str, Any]]) -> dict[str, Any]:
     """What each GPU worker's GPU did during a flood, from the render task runs' end times and
-    the render seconds the engine reports: a render occupied the model from (task end - render)
-    to task end (persisting its result after that takes ~10 ms). Per consecutive pair on one
-    worker, the idle gap between the two; per worker, the share of its busy span spent rendering.
-    With staging (I2VFLOW_GPU_WORKER_SLOTS=2) the next task run starts before the previous ends,
-    so task start times say nothing about the GPU; these measures hold for any slot count."""
-    rows = [(str(v["engine"]["pid"]), render_task_run(v["prefect"]["flow_run_id"]).end_time.timestamp(),
+    the seconds the engine reports: a render occupied the model from (task end - encode - render)
+    to (task end - encode); the task encodes the MP4 after the render, off the model, and persists
+    its result in ~10 ms. Per consecutive pair on one worker, the idle gap between the two; per
+    worker, the share of its busy span spent rendering. With staging (I2VFLOW_GPU_WORKER_SLOTS=2)
+    the next task run starts before the previous ends, so task start times say nothing about the
+    GPU; these measures hold for any slot count."""
+    rows = [(str(v["engine"]["pid"]),
+             render_task_run(v["prefect"]["flow_run_id"]).end_time.timestamp()
+             - v["timings_seconds"]["encode_on_gpu_worker"],
              v["timings_seconds"]["render_on_model"], v["timings_seconds"]["waiting_for_gpu"]) for v in videos]
     gaps: list[float] = []
     busy: list[float] = []
@@ -322,7 +326,8 @@ def _gpu_gaps(videos: list[dict[str, Any]]) -> dict[str, Any]:
             "gpu_busy_share": round(statistics.mean(busy), 4),
             "gpu_idle_over_render": round(1 / statistics.mean(busy) - 1, 4),
             "gpu_gap_over_median_render": round(statistics.mean(gaps) / render, 4),
-            "waiting_for_gpu_s": [r[3] for r in sorted(rows, key=lambda r: r[1])]}
+            "waiting_for_gpu_s": [r[3] for r in sorted(rows, key=lambda r: r[1])],
+            "encode_on_gpu_worker_s": [v["timings_seconds"]["encode_on_gpu_worker"] for v in videos]}
 
 
 def _flood(label: str, count: int, spec: dict[str, Any], inbox: Path, outbox: Path,
