@@ -72,8 +72,8 @@ class Settler:
             whole = vouched.get(info.key) == (info.size, info.version)
             look = self._looks.get(info.key)
             if look is None or (look.size, look.version) != (info.size, info.version):
-                look = self._looks[info.key] = _Look(info.size, info.version, now)
-            if look.settled_since is None and (whole or now - look.first_seen >= self.settle_seconds):
+                look = self._looks[info.key] = _Look(info.size, info.version, now, now if whole else None)
+            elif look.settled_since is None and (whole or now - look.first_seen >= self.settle_seconds):
                 look.settled_since = now
             if look.settled_since is not None:
                 settled[info.key] = info

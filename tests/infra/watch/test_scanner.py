@@ -36,6 +36,14 @@ def test_a_vouched_version_settles_at_its_first_look_and_no_other() -> None:
     assert list(settler.observe([_info("late.png", 4)], now=1.3)) == ["late.png"], "then two looks, as ever"
 
 
+def test_without_a_settle_period_a_file_still_needs_a_second_look_unless_vouched() -> None:
+    settler = Settler(settle_seconds=0.0)
+    settler.vouch(_info("closed.png", 3))
+    assert list(settler.observe([_info("closed.png", 3), _info("growing.png", 1)], now=0.0)) == ["closed.png"]
+    assert set(settler.observe([_info("closed.png", 3), _info("growing.png", 1)], now=0.0)) == {
+        "closed.png", "growing.png"}
+
+
 def _pair(keys: list[str], unsettled: set[str] = frozenset(), settled_for: float = 10.0):
     settled = {k: _info(k) for k in keys}
     return pair(settled, set(unsettled), {k: settled_for for k in keys}, grace_seconds=1.0)
