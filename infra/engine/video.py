@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import imageio_ffmpeg
@@ -25,10 +25,9 @@ class VideoEncodeError(RuntimeError):
 
 
 @dataclass
-class VideoInfo:
-    """What an MP4 really holds, as read back from the file."""
+class VideoFacts:
+    """What an MP4 really holds, as read back from it."""
 
-    path: Path
     frames: int
     fps: float
     width: int
@@ -38,16 +37,17 @@ class VideoInfo:
 
 
 @dataclass
-class EncodedVideo:
-    """A verified MP4 in memory (``data``) and what it holds, as read back from it."""
+class VideoInfo(VideoFacts):
+    """An MP4 file's facts and where the file is."""
+
+    path: Path
+
+
+@dataclass
+class EncodedVideo(VideoFacts):
+    """A verified MP4 in memory and its facts."""
 
     data: bytes
-    frames: int
-    fps: float
-    width: int
-    height: int
-    bytes: int
-    seconds: float
 
 
 def check_frames(frames: np.ndarray, fps: int) -> None:
@@ -105,9 +105,8 @@ def encode_mp4_bytes(frames: np.ndarray, fps: int) -> EncodedVideo:
     """``encode_mp4`` into a temporary folder, verified the same way, and returned as bytes."""
     with tempfile.TemporaryDirectory(prefix="i2vflow-encode-") as folder:
         info = encode_mp4(frames, fps, Path(folder) / "video.mp4")
-        data = info.path.read_bytes()
-    return EncodedVideo(data=data, frames=info.frames, fps=info.fps, width=info.width, height=info.height,
-                        bytes=len(data), seconds=info.seconds)
+        facts = {name: value for name, value in asdict(info).items() if name != "path"}
+        return EncodedVideo(**facts, data=info.path.read_bytes())
 
 
 def _write(frames: np.ndarray, fps: float, path: Path) -> None:
