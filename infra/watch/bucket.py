@@ -9,7 +9,9 @@ moto, Garage, SeaweedFS, s3rver) that iterator reconnects in a tight loop foreve
 in 5 s, FIELD-NOTES). This module asks once and looks at the answer first:
 
 1. a JSON line (an event, or the ``{"Records":null}`` keep-alive that ``ping=N`` asks for):
-   supported; every later line with records sets ``wake``;
+   supported; every later line with records sets ``wake``, after telling ``on_written`` the
+   key of each object created (an S3 object is whole once it exists, so the watcher may take
+   the version it finds as settled without a second look);
 2. XML or HTML (moto answers with a bucket listing), a non-JSON line, a 4xx or 501 error, or the
    client refusing (AWS hosts): unsupported; one warning, polling only, the thread ends;
 3. a transport failure or 5xx: back off 1, 2, 4 ... 60 s. Before the stream ever worked, give up
@@ -23,6 +25,7 @@ import contextlib
 import json
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -47,13 +50,14 @@ class ListenHints(threading.Thread):
     """
 
     def __init__(self, client: Minio, bucket: str, prefix: str, wake: threading.Event, *,
-                 ping_seconds: int = 10, max_failures: int = 5, base_backoff: float = 1.0,
-                 max_backoff: float = 60.0) -> None:
+                 on_written: Callable[[str], None] | None = None, ping_seconds: int = 10,
+                 max_failures: int = 5, base_backoff: float = 1.0, max_backoff: float = 60.0) -> None:
         super().__init__(name=f"listen-{bucket}", daemon=True)
         self._client = client
         self._bucket = bucket
         self._prefix = prefix
         self._wake = wake
+        self._on_written = on_written
         self._ping = ping_seconds
         self._max_failures = max_failures
         self._base_backoff = base_backoff
@@ -149,7 +153,26 @@ class ListenHints(threading.Thread):
         records = event.get("Records") or []
         if records:  # keep-alives carry none
             self.events += len(records)
-            self._wake.set()
+            try:
+                if self._on_written is not None:
+                    for key in self._created_keys(records):
+                        self._on_written(key)
+            finally:
+                self._wake.set()
+
+    def _created_keys(self, records: list[Any]) -> list[str]:
+        """Keys relative to the prefix of the objects these records say were created. The listen
+        stream sends keys unescaped (FIELD-NOTES); a key that names nothing costs one HEAD."""
+        keys = []
+        for record in records:
+            try:
+                created = str(record["eventName"]).startswith("s3:ObjectCreated:")
+                name = record["s3"]["object"]["key"]
+            except (KeyError, TypeError):
+                continue  # not an event this watcher can use: the wake-up still stands
+            if created and isinstance(name, str) and name.startswith(self._prefix) and name != self._prefix:
+                keys.append(name[len(self._prefix):])
+        return keys
 
     def _give_up(self, reason: str) -> None:
         self.supported = bool(self.supported)

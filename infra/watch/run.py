@@ -103,12 +103,13 @@ def _reconcile(ledger: Ledger, outbox: Store, max_attempts: int) -> list[Finding
 def _start_bucket_hints(settings: Settings, inbox: BucketStore,
                         watcher: Watcher) -> list[tuple[object, Callable[[], None]]]:
     """MinIO's listen stream (it finds out itself whether the server has one) and, when
-    ``webhook_port`` is set, the webhook receiver. Both only set ``watcher.wake``."""
+    ``webhook_port`` is set, the webhook receiver. Both set ``watcher.wake``; the stream also
+    vouches for the objects it says were created."""
     access_key, secret_key = s3_credentials(settings)
     # Its own client: a read timeout longer than the 10 s keep-alive, and no retries of its own.
     client = make_client(settings.s3_endpoint, access_key, secret_key, secure=settings.s3_secure,
                          region=settings.s3_region, read_timeout=35.0, retries=0)
-    listen = ListenHints(client, inbox.bucket, inbox.prefix, watcher.wake)
+    listen = ListenHints(client, inbox.bucket, inbox.prefix, watcher.wake, on_written=watcher.vouch)
     listen.start()
     started: list[tuple[object, Callable[[], None]]] = [(listen, listen.stop)]
     if settings.webhook_port:

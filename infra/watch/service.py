@@ -99,8 +99,9 @@ class Watcher:
         return report
 
     def vouch(self, key: str) -> None:
-        """A hint source's word that ``key``'s writer is done (a folder's close event): the
-        version it has now needs no second look. Called from the hint thread; never raises."""
+        """A hint source's word that ``key``'s writer is done (a folder's close event, a bucket's
+        object-created event): the version it has now needs no second look. Called from the
+        hint thread; never raises."""
         if is_ignored(key):
             return
         try:

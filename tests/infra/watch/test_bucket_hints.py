@@ -8,21 +8,29 @@ where nothing listens, and a small stdlib HTTP server that streams MinIO-style e
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
+import queue
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from structlog.testing import capture_logs
 
-from infra.store.bucket import make_client
+from infra.ledger import Ledger
+from infra.settings import Settings
+from infra.store.bucket import BucketStore, make_client
 from infra.watch.bucket import ListenHints
-from tests.helpers import wait_for
+from infra.watch.service import Watcher
+from tests.helpers import png_bytes, wait_for
+from tests.infra.watch.test_service import Recorder
 from tests.s3server import S3Server
 
 
@@ -132,3 +140,83 @@ def test_a_listen_stream_wakes_the_scan_and_reconnects_after_it_ends() -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+class _QueuedMinioListen(BaseHTTPRequestHandler):
+    """A listen stream that sends the event lines a test puts in ``lines``, as they come."""
+
+    lines: queue.Queue[bytes] = queue.Queue()
+
+    def do_GET(self) -> None:  # noqa: N802
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        while True:
+            try:
+                line = type(self).lines.get(timeout=0.5)
+            except queue.Empty:
+                line = b'{"Records":null}'  # MinIO's keep-alive
+            try:
+                self.wfile.write(line + b"\n")
+                self.wfile.flush()
+            except OSError:
+                return
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def _created(bucket: str, name: str, size: int) -> bytes:
+    record = {"eventName": "s3:ObjectCreated:Put",
+              "s3": {"bucket": {"name": bucket}, "object": {"key": name, "size": size}}}
+    return json.dumps({"Records": [record]}).encode()
+
+
+def test_created_events_let_a_pair_go_out_at_its_first_look(s3_server: S3Server, s3_bucket, tmp_path: Path) -> None:
+    """A listen event says the object exists, and an S3 object exists only whole: the watcher
+    takes the version it finds as settled, instead of waiting a settle period for a second look.
+    A removal event and an object outside the prefix vouch for nothing."""
+    client, bucket = s3_bucket
+    _QueuedMinioListen.lines = queue.Queue()
+    stream = ThreadingHTTPServer(("127.0.0.1", 0), _QueuedMinioListen)
+    threading.Thread(target=stream.serve_forever, daemon=True).start()
+    location, recorder = f"s3://{bucket}/inbox", Recorder()
+    settings = Settings(inbox=location, outbox=f"s3://{bucket}/outbox", state_dir=tmp_path / "st",
+                        rescan_seconds=120, settle_seconds=3.0, **s3_server.settings_kwargs())
+    watcher = Watcher(settings, BucketStore(client, bucket, "inbox"), location, settings.outbox,
+                      Ledger(settings.ledger_path), recorder.submit, lambda *_: None, "bucket")
+    vouched: list[str] = []
+
+    def vouch(key: str) -> None:
+        vouched.append(key)
+        watcher.vouch(key)
+
+    listen_client = make_client(f"127.0.0.1:{stream.server_address[1]}", "k", "s", region="us-east-1", retries=0)
+    hints = ListenHints(listen_client, bucket, "inbox/", watcher.wake, on_written=vouch)
+    stop = threading.Event()
+    thread = threading.Thread(target=watcher.run, args=(stop,), daemon=True)
+    try:
+        hints.start()
+        thread.start()
+        wait_for(lambda: hints.supported, timeout=10, what="the listen stream")
+        time.sleep(3.5)  # a quiet spell after the start-up listing
+        spec, image = json.dumps({"prompt": "p"}).encode(), png_bytes(color=(7, 7, 7))
+        put_at = time.monotonic()
+        for name, data in (("inbox/quick.json", spec), ("inbox/quick.png", image)):
+            client.put_object(bucket, name, io.BytesIO(data), len(data))
+        removed = {"eventName": "s3:ObjectRemoved:Delete", "s3": {"object": {"key": "inbox/gone.png"}}}
+        _QueuedMinioListen.lines.put(json.dumps({"Records": [removed]}).encode())
+        _QueuedMinioListen.lines.put(_created(bucket, "elsewhere/quick.png", len(image)))
+        _QueuedMinioListen.lines.put(_created(bucket, "inbox/quick.json", len(spec)))
+        _QueuedMinioListen.lines.put(_created(bucket, "inbox/quick.png", len(image)))
+        wait_for(lambda: recorder.calls, timeout=20, interval=0.02, what="submission")
+        assert time.monotonic() - put_at < 2.0, "waited a settle period for objects the events vouched for"
+        assert vouched == ["quick.json", "quick.png"]
+        assert recorder.calls[0].image_sha256 == hashlib.sha256(image).hexdigest()
+    finally:
+        stop.set()
+        watcher.wake.set()
+        thread.join(10)
+        hints.stop()
+        stream.shutdown()
+        stream.server_close()
