@@ -103,8 +103,8 @@ def _reconcile(ledger: Ledger, outbox: Store, max_attempts: int) -> list[Finding
 def _start_bucket_hints(settings: Settings, inbox: BucketStore,
                         watcher: Watcher) -> list[tuple[object, Callable[[], None]]]:
     """MinIO's listen stream (it finds out itself whether the server has one) and, when
-    ``webhook_port`` is set, the webhook receiver. Both set ``watcher.wake``; the stream also
-    vouches for the objects it says were created."""
+    ``webhook_port`` is set, the webhook receiver. Both set ``watcher.wake`` and vouch for the
+    objects their events say were created."""
     access_key, secret_key = s3_credentials(settings)
     # Its own client: a read timeout longer than the 10 s keep-alive, and no retries of its own.
     client = make_client(settings.s3_endpoint, access_key, secret_key, secure=settings.s3_secure,
@@ -119,6 +119,6 @@ def _start_bucket_hints(settings: Settings, inbox: BucketStore,
             raise StoreError("I2VFLOW_WEBHOOK_PORT is set but I2VFLOW_WEBHOOK_TOKEN is not: "
                              "the webhook refuses to run unguarded")
         hook = WebhookServer(watcher.wake, token, host=settings.webhook_host, port=settings.webhook_port,
-                             bucket=inbox.bucket, prefix=inbox.prefix).start()
+                             bucket=inbox.bucket, prefix=inbox.prefix, on_written=watcher.vouch).start()
         started.append((hook, hook.stop))
     return started

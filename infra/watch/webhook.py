@@ -66,7 +66,9 @@ class WebhookServer:
     """A small threaded HTTP server that sets ``wake`` for S3 events under ``bucket/prefix``.
 
     ``bucket``/``prefix`` filter events: a record for another bucket, or for a key outside the
-    inbox prefix (the outbox in the same bucket, say), is counted but wakes nothing.
+    inbox prefix (the outbox in the same bucket, say), is counted but wakes nothing. Before it
+    wakes, ``on_written`` is told the key (relative to the prefix) of each object created: an S3
+    object exists only whole, so the watcher may settle that version at its first look.
     ``confirm_host`` decides which SubscribeURL hosts may be fetched (AWS SNS by default: a
     confirmation is an outgoing request chosen by whoever can post here).
     """
@@ -74,10 +76,12 @@ class WebhookServer:
     def __init__(self, wake: threading.Event, token: str, *, host: str = "127.0.0.1", port: int = 0,
                  bucket: str | None = None, prefix: str = "", max_body: int = MAX_BODY,
                  confirm_host: Callable[[str], bool] | None = None,
-                 fetch: Callable[[str], int] = _fetch) -> None:
+                 fetch: Callable[[str], int] = _fetch,
+                 on_written: Callable[[str], None] | None = None) -> None:
         if not token:
             raise ValueError("the webhook needs a token: set I2VFLOW_WEBHOOK_TOKEN")
         self.wake = wake
+        self.on_written = on_written
         self.bucket = bucket
         self.prefix = prefix
         self.max_body = max_body
@@ -159,7 +163,12 @@ class WebhookServer:
             if relevant:
                 self.stats.wakes += 1
         if relevant:
-            self.wake.set()
+            try:
+                for record in relevant:
+                    if self.on_written is not None and _created(record):
+                        self.on_written((object_key(record) or "")[len(self.prefix):])
+            finally:
+                self.wake.set()
         log.info("webhook.event", records=len(records), relevant=len(relevant),
                  first=_describe(relevant[0]) if relevant else None)
         return 200, {"records": len(records), "woke": bool(relevant)}
@@ -201,6 +210,10 @@ def object_key(record: dict[str, Any]) -> str | None:
     obj = s3.get("object") if isinstance(s3, dict) else None
     key = obj.get("key") if isinstance(obj, dict) else None
     return unquote_plus(key) if isinstance(key, str) else None
+
+
+def _created(record: dict[str, Any]) -> bool:
+    return str(record.get("eventName") or "").removeprefix("s3:").startswith("ObjectCreated")
 
 
 def _describe(record: dict[str, Any]) -> dict[str, Any]:

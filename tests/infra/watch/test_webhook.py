@@ -172,10 +172,10 @@ def slow_polling_watcher(s3_server: S3Server, s3_bucket, tmp_path: Path):
     client, bucket = s3_bucket
     stops: list[tuple[threading.Event, threading.Thread, Watcher]] = []
 
-    def make(recorder: Recorder) -> Watcher:
+    def make(recorder: Recorder, settle_seconds: float = 0.2) -> Watcher:
         location = f"s3://{bucket}/inbox"
         settings = Settings(inbox=location, outbox=f"s3://{bucket}/outbox", state_dir=tmp_path / "st",
-                            rescan_seconds=120, settle_seconds=0.2, **s3_server.settings_kwargs())
+                            rescan_seconds=120, settle_seconds=settle_seconds, **s3_server.settings_kwargs())
         watcher = Watcher(settings, BucketStore(client, bucket, "inbox"), location, settings.outbox,
                           Ledger(settings.ledger_path), recorder.submit, lambda *_: None, "bucket")
         stop = threading.Event()
@@ -221,11 +221,15 @@ def test_a_minio_event_makes_the_watcher_list_at_once(slow_polling_watcher, s3_b
 
 def test_moto_s3_events_through_sns_reach_the_webhook_end_to_end(
         slow_polling_watcher, s3_server: S3Server, s3_bucket) -> None:
-    """put_object -> moto S3 notification -> SNS topic -> HTTP subscription -> webhook -> scan."""
+    """put_object -> moto S3 notification -> SNS topic -> HTTP subscription -> webhook -> scan.
+    The created events vouch for the objects: the pair goes out at the first look, well within
+    the 3 s settle period that two looks would take."""
     client, bucket = s3_bucket
     recorder = Recorder()
-    watcher = slow_polling_watcher(recorder)
-    hook = WebhookServer(watcher.wake, TOKEN, bucket=bucket, prefix="inbox/").start()
+    watcher = slow_polling_watcher(recorder, settle_seconds=3.0)
+    vouched: list[str] = []
+    hook = WebhookServer(watcher.wake, TOKEN, bucket=bucket, prefix="inbox/",
+                         on_written=lambda key: (vouched.append(key), watcher.vouch(key))).start()
     sns = boto3.client("sns", endpoint_url=s3_server.url, region_name=s3_server.region,
                        aws_access_key_id=s3_server.access_key, aws_secret_access_key=s3_server.secret_key)
     topic = sns.create_topic(Name=f"{bucket}-events")["TopicArn"]
@@ -239,9 +243,10 @@ def test_moto_s3_events_through_sns_reach_the_webhook_end_to_end(
         started = time.monotonic()
         _put_job(client, bucket, "lamp ünï")
         wait_for(lambda: recorder.calls, timeout=10, interval=0.05, what="submission after the SNS event")
-        assert time.monotonic() - started < 5
+        assert time.monotonic() - started < 2.5, "waited a settle period for objects the events vouched for"
         assert hook.stats.wakes >= 1 and hook.stats.unauthorized == 0
         assert [t.image_key for t in recorder.calls] == ["lamp ünï.png"]
+        assert sorted(vouched) == ["lamp ünï.json", "lamp ünï.png"], "decoded keys, relative to the prefix"
     finally:
         hook.stop()
         sns.delete_topic(TopicArn=topic)
