@@ -9,10 +9,13 @@ into place, so a reader sees the old file or the whole new one, never a half-wri
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import glob
 import os
 import secrets
 import shutil
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -20,6 +23,8 @@ from typing import BinaryIO
 from infra.store.base import ObjectInfo, StoreError, UnsafeKeyError
 
 _COPY_CHUNK = 1024 * 1024
+_HOST = socket.gethostname()
+_NAME_MAX = 255
 
 
 def check_key(key: str, *, prefix: bool = False) -> str:
@@ -160,17 +165,20 @@ class FolderStore:
         self._atomic(key, copy)
 
     def _atomic(self, key: str, fill: Callable[[BinaryIO], object]) -> None:
-        """Fill ``.<name>.<random>.tmp`` next to the target, fsync it, rename it into place.
+        """Fill ``.<name>.<host>.<pid>.<random>.tmp`` next to the target, fsync it, rename it
+        into place.
 
         Why the same directory: ``os.replace`` is atomic only within one file system. On any
         failure (ENOSPC, EIO, a missing source file) the temp file is removed and nothing ever
-        appears under the final name.
+        appears under the final name. A writer killed mid-write cannot remove its own: the next
+        writer of the same name removes temp files of writers on this host that are gone.
         """
         final = self._path(key)
-        tmp = final.with_name(f".{final.name}.{secrets.token_hex(6)}.tmp")
+        tmp = final.with_name(_temp_name(final.name))
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
             self._path(key)  # re-check: mkdir may have met a symlink planted meanwhile
+            _remove_dead_writers_temps(final)
             with open(tmp, "xb") as f:
                 fill(f)
                 f.flush()
@@ -207,6 +215,33 @@ class FolderStore:
 
     def __repr__(self) -> str:
         return f"FolderStore({str(self._root)!r})"
+
+
+def _temp_name(name: str) -> str:
+    """The temp name for ``name``, naming its writer; a name too long for that gets a plain one."""
+    named = f".{name}.{_HOST}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
+    return named if len(os.fsencode(named)) <= _NAME_MAX else f".{name[:200]}.{secrets.token_hex(6)}.tmp"
+
+
+def _remove_dead_writers_temps(final: Path) -> None:
+    """Remove ``final``'s temp files whose writer was a process of this host that no longer
+    exists. Another host's or a live writer's stay; a pid reused since only delays the cleanup."""
+    prefix = f".{final.name}."
+    for temp in final.parent.glob(f"{glob.escape(prefix)}*.tmp"):
+        host, _, pid = temp.name[len(prefix):-len(".tmp")].rpartition(".")[0].rpartition(".")
+        if host == _HOST and pid.isdigit() and not _alive(int(pid)):
+            with contextlib.suppress(OSError):  # litter at worst; the write itself goes on
+                temp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def _fsync_dir(folder: Path) -> None:

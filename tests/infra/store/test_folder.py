@@ -121,6 +121,45 @@ def test_write_is_atomic_via_hidden_temp_then_rename(root: Path, monkeypatch) ->
     assert on_disk(root) == ["sub/clip.mp4"]
 
 
+KILLED_MID_WRITE = """
+import sys, time
+from infra.store import FolderStore
+
+def stuck(handle):
+    handle.write(b"half a video")
+    handle.flush()
+    print("writing", flush=True)
+    time.sleep(60)
+
+FolderStore(sys.argv[1])._atomic("sub/clip.mp4", stuck)
+"""
+
+
+def test_a_writer_killed_mid_write_leaves_a_temp_the_next_writer_removes(root: Path) -> None:
+    """A process killed while writing (its flow run died with its worker) cannot clean up; the
+    next write of that name removes what a dead writer of this host left, and only that."""
+    import signal
+    import subprocess
+    import sys
+
+    writer = subprocess.Popen([sys.executable, "-c", KILLED_MID_WRITE, str(root)], stdout=subprocess.PIPE,
+                              cwd=Path(__file__).parents[3])
+    assert writer.stdout is not None and writer.stdout.readline() == b"writing\n"
+    live = root / "sub" / f".clip.mp4.{os.uname().nodename}.{os.getpid()}.0123456789ab.tmp"
+    other_host = root / "sub" / ".clip.mp4.elsewhere.1.0123456789ab.tmp"
+    for temp in (live, other_host):
+        temp.write_bytes(b"someone else's")
+    os.kill(writer.pid, signal.SIGKILL)
+    writer.wait(10)
+    dead = [p.name for p in (root / "sub").iterdir() if p not in (live, other_host)]
+    assert len(dead) == 1 and dead[0].startswith(".clip.mp4.") and f".{writer.pid}." in dead[0], dead
+
+    FolderStore(root).write("sub/clip.mp4", b"the video")
+
+    assert sorted(p.name for p in (root / "sub").iterdir()) == sorted(["clip.mp4", live.name, other_host.name])
+    assert (root / "sub" / "clip.mp4").read_bytes() == b"the video"
+
+
 @pytest.mark.parametrize("method", ["write", "write_file"])
 def test_disk_full_leaves_neither_temp_nor_partial_file(root: Path, tmp_path: Path, monkeypatch, method: str) -> None:
     store = FolderStore(root)
