@@ -5,8 +5,9 @@ GPU-hour is the cost: time the pipeline adds around a render, and GPUs left idle
 are waste. This starts the processes `i2vflow up` starts (a fresh Prefect server on a free port,
 the deployment, a flow worker, GPU workers each bound to one card, the watcher), then:
 
-1. drops ``--jobs`` jobs one at a time: drop -> detected, -> flow run created, -> video, and the
-   orchestration overhead (drop -> video minus the render time the GPU worker reports);
+1. drops ``--jobs`` jobs one at a time, each once the last one's flow run has ended (a lone job
+   meets an idle system): drop -> detected, -> flow run created, -> video, and the orchestration
+   overhead (drop -> video minus the render time the GPU worker reports);
 2. with ``--flood N``: drops N jobs per GPU worker at once, first with one GPU worker, then again
    after starting the others (``--gpu-workers K``): videos per hour and the ratio K workers / 1.
 
@@ -45,6 +46,7 @@ from infra.settings import Settings
 from tests.helpers import png_bytes, render_task_run
 from tests.ports import free_port
 
+LONE_JOB_GAP_S = 1.0  # between a lone job's flow run ending and the next drop
 
 class RssSampler(threading.Thread):
     """Peak summed RSS of this process and every descendant."""
@@ -108,6 +110,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         apply_deployments(sup.env, "i2vflow", len(gpus) * slots)
         summary["flow_command"] = _flow_command()
         summary["flow_forkserver"] = Settings().flow_forkserver
+        summary["flow_worker_events"] = Settings().flow_worker_events
         started = time.time()
         start_workers(sup, "i2vflow", gpus[:1], summary["flow_forkserver"])
         summary["first_gpu_worker_ready_s"] = _wait_ready(sup, 1, args.ready_timeout) - started
@@ -247,6 +250,13 @@ def _one_job(stem: str, spec: dict[str, Any], inbox: Path, outbox: Path, watcher
 
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(data["prefect"]["flow_run_id"])
+        # A lone job meets an idle system: the next is dropped once this run has ended and settled,
+        # not while its last API writes still compete with the next run's for SQLite's lock.
+        deadline = time.monotonic() + 60
+        while not (run.state and run.state.is_final()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+            run = client.read_flow_run(run.id)
+    time.sleep(LONE_JOB_GAP_S)
     phases = _phases(run, data)
     detected = watcher.ledger._query("SELECT created_at FROM jobs WHERE job_id=?", (data["job_id"],))[0][0]  # type: ignore[attr-defined]
     render = data["timings_seconds"]["render_on_model"]

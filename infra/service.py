@@ -174,15 +174,15 @@ def start_workers(sup: Supervisor, work_pool: str, gpus: list[str | None] | None
 
 
 def start_flow_worker(sup: Supervisor, work_pool: str, use_forkserver: bool = True) -> None:
-    """A process worker (one process per flow run) and, on Linux, the fork server those processes
-    are forked from (``infra/forkserver.py``: the command prefect.yaml names asks it, through
-    ``I2VFLOW_FORKSERVER`` in the worker's environment, and starts the engine itself without it)."""
+    """A process worker (one process per flow run, woken by the server's events: ``infra/flowworker.py``)
+    and, on Linux, the fork server those processes are forked from (``infra/forkserver.py``: the
+    command prefect.yaml names asks it, through ``I2VFLOW_FORKSERVER`` in the worker's environment,
+    and starts the engine itself without it)."""
     if use_forkserver and forkserver.supported():
         name = f"@i2vflow-forkserver-{secrets.token_hex(6)}"
         sup.env[forkserver.SOCKET_ENV] = name  # restarted workers keep using it
         sup.start("flow-forkserver", [sys.executable, "-m", "infra.forkserver", "serve", name, *FLOW_MODULES])
-    sup.start("flow-worker", [sys.executable, "-m", "prefect", "worker", "start",
-                              "--pool", work_pool, "--type", "process"])
+    sup.start("flow-worker", [sys.executable, "-m", "infra.flowworker", work_pool])
 
 
 def start_gpu_worker(sup: Supervisor, index: int = 0, gpu: str | None = None) -> subprocess.Popen[bytes]:

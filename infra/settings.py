@@ -58,6 +58,10 @@ class Settings(BaseSettings):
                                   "imported Prefect and the flows once (infra/forkserver.py; Linux), not as fresh "
                                   "interpreters: 1.4-1.8 s less per lone job on a GPU host. false: a fresh "
                                   "interpreter per run.")
+    flow_worker_events: bool = Field(True, description="The flow worker asks for scheduled flow runs the moment "
+                                     "the server's event stream announces one in its pool (infra/flowworker.py), not "
+                                     "only at its next poll. false: poll only (an API proxy that does not pass "
+                                     "websockets).")
     gpu_workers: int = Field(0, ge=0, description="GPU task workers `up` starts, one per card, each bound to "
                              "it; 0: one per visible CUDA device (one on a host without CUDA).")
     render_timeout_seconds: float = Field(1800.0, gt=0)

@@ -24,7 +24,7 @@ def test_bench_drop_runs_the_service_with_two_gpu_workers(tmp_path: Path) -> Non
     assert report["dropped_image"] == "640x480 JPEG"  # camera-style inputs, not only small PNGs
     # One process per flow run (prefect.yaml), forked from the fork server `up` starts beside the worker.
     assert report["flow_command"] == "python3 -m infra.forkserver run prefect.engine"
-    assert report["flow_forkserver"] is True
+    assert report["flow_forkserver"] is True and report["flow_worker_events"] is True
     assert set(report["bytecode"]) == {"prefect_precompiled", "writes_bytecode"}
     assert len(report["jobs"]) == 1 and report["jobs"][0]["overhead_s"] > 0
     one, both = report["flood"]

@@ -33,11 +33,12 @@ def test_flow_worker_serves_the_pool_from_a_fork_server_and_stops_with_both(pref
                     return []
 
         wait_for(workers, timeout=60, what=f"a worker polling pool {pool}")
-        children = {" ".join(c.cmdline()[1:4]): c for c in psutil.Process(command.pid).children()}
-        assert set(children) == {"-m infra.forkserver serve", "-m prefect worker"}
-        server_name = children["-m infra.forkserver serve"].cmdline()[4]
+        children = {" ".join(c.cmdline()[1:3]): c for c in psutil.Process(command.pid).children()}
+        assert set(children) == {"-m infra.forkserver", "-m infra.flowworker"}
+        assert children["-m infra.flowworker"].cmdline()[3:] == [pool]
+        server_name = children["-m infra.forkserver"].cmdline()[4]
         # The worker's environment names the server, so the command prefect.yaml gives its runs asks it.
-        assert children["-m prefect worker"].environ()["I2VFLOW_FORKSERVER"] == server_name
+        assert children["-m infra.flowworker"].environ()["I2VFLOW_FORKSERVER"] == server_name
     finally:
         command.send_signal(signal.SIGTERM)
         out, _ = command.communicate(timeout=60)

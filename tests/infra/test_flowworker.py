@@ -1,0 +1,123 @@
+"""The flow worker: Prefect's process worker, woken by the server's events (a real server, real workers).
+
+The workers here poll every 120 s, so only the event stream can explain a flow run leaving
+Scheduled within seconds. Each flow run's command appends its id to a file: that file says how
+many times, in all workers, each run was started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from infra.service import PROJECT_ROOT, prefect_env
+from tests.helpers import wait_for
+
+POLL_SECONDS = "120"  # Prefect's jitter makes the second poll come after 84 s at the earliest
+
+
+def _pool_with_deployment(pool: str, started: Path) -> Any:
+    """A process pool and a deployment whose flow runs only record that they were started."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    script = started.with_suffix(".sh")
+    script.write_text(f'echo "$PREFECT__FLOW_RUN_ID" >> {started}\n')
+
+    async def create() -> Any:
+        async with get_client() as client:
+            await client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+            flow_id = await client.create_flow_from_name("flowworker-test")
+            return await client.create_deployment(flow_id=flow_id, name=pool, work_pool_name=pool,
+                                                  job_variables={"command": f"sh {script}"})
+
+    return asyncio.run(create())
+
+
+def _start_worker(pool: str, prefect_api: str, tmp_path: Path, **env: str) -> tuple[subprocess.Popen[bytes], Path]:
+    log = tmp_path / f"worker-{secrets.token_hex(3)}.log"
+    extra = {"PREFECT_WORKER_QUERY_SECONDS": POLL_SECONDS, **env}
+    with log.open("wb") as out:
+        worker = subprocess.Popen([sys.executable, "-m", "infra.flowworker", pool], cwd=PROJECT_ROOT, stdout=out,
+                                  stderr=subprocess.STDOUT, env=prefect_env(prefect_api, tmp_path, extra))
+    wait_for(lambda: "started!" in log.read_text(), timeout=90, interval=0.2, what="the flow worker")
+    return worker, log
+
+
+def _wait_until_listening(log: Path) -> None:
+    wait_for(lambda: "flow_worker.listening" in log.read_text(), timeout=60, interval=0.2, what="the event stream")
+    time.sleep(3)  # the worker's first sync with the API (its heartbeat) lands beside the stream's opening
+
+
+def _create_runs(deployment_id: Any, count: int) -> list[str]:
+    from prefect.client.orchestration import get_client
+
+    async def create() -> list[str]:
+        async with get_client() as client:
+            return [str((await client.create_flow_run_from_deployment(deployment_id)).id) for _ in range(count)]
+
+    return asyncio.run(create())
+
+
+def _states(run_ids: list[str]) -> dict[str, str]:
+    from prefect.client.orchestration import get_client
+
+    async def read() -> dict[str, str]:
+        async with get_client() as client:
+            return {run_id: (await client.read_flow_run(run_id)).state_type.value for run_id in run_ids}
+
+    return asyncio.run(read())
+
+
+@pytest.fixture
+def stop_workers() -> Iterator[list[subprocess.Popen[bytes]]]:
+    workers: list[subprocess.Popen[bytes]] = []
+    yield workers
+    for worker in workers:
+        worker.terminate()
+        worker.wait(30)
+
+
+def test_flow_runs_start_at_the_event_and_once_each_across_two_workers(
+        prefect_api: str, tmp_path: Path, stop_workers: list[subprocess.Popen[bytes]]) -> None:
+    pool, started = f"wake-{secrets.token_hex(3)}", tmp_path / "started.txt"
+    deployment = _pool_with_deployment(pool, started)
+    logs = []
+    for _ in range(2):
+        worker, log = _start_worker(pool, prefect_api, tmp_path)
+        stop_workers.append(worker)
+        logs.append(log)
+    for log in logs:
+        _wait_until_listening(log)
+
+    created = time.monotonic()
+    run_ids = _create_runs(deployment, 4)
+    wait_for(lambda: started.is_file() and len(started.read_text().split()) >= 4, timeout=40, interval=0.1,
+             what="four flow runs started by the woken workers")
+    assert time.monotonic() - created < 40  # far sooner than a 120 s poll could start them
+    time.sleep(2)  # a second start of any of them would land here
+    assert sorted(started.read_text().split()) == sorted(run_ids)
+    assert all(state != "SCHEDULED" for state in _states(run_ids).values())
+
+
+def test_with_events_off_the_worker_waits_for_its_poll(
+        prefect_api: str, tmp_path: Path, stop_workers: list[subprocess.Popen[bytes]]) -> None:
+    pool, started = f"poll-{secrets.token_hex(3)}", tmp_path / "started.txt"
+    deployment = _pool_with_deployment(pool, started)
+    worker, log = _start_worker(pool, prefect_api, tmp_path, I2VFLOW_FLOW_WORKER_EVENTS="false")
+    stop_workers.append(worker)
+    time.sleep(3)  # as long as a woken worker is given to get ready
+
+    run_ids = _create_runs(deployment, 1)
+    time.sleep(8)
+    assert _states(run_ids) == {run_ids[0]: "SCHEDULED"}
+    assert not started.exists()
+    assert "flow_worker.listening" not in log.read_text()
