@@ -48,6 +48,7 @@ from tests.ports import free_port
 
 LONE_JOB_GAP_S = 1.0  # between a lone job's flow run ending and the next drop
 
+
 class RssSampler(threading.Thread):
     """Peak summed RSS of this process and every descendant."""
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -18,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from infra.service import PROJECT_ROOT, prefect_env
+from infra.service import Supervisor, prefect_env
 from tests.helpers import wait_for
 
 POLL_SECONDS = "120"  # Prefect's jitter makes the second poll come after 84 s at the earliest
@@ -42,14 +41,14 @@ def _pool_with_deployment(pool: str, started: Path) -> Any:
     return asyncio.run(create())
 
 
-def _start_worker(pool: str, prefect_api: str, tmp_path: Path, **env: str) -> tuple[subprocess.Popen[bytes], Path]:
-    log = tmp_path / f"worker-{secrets.token_hex(3)}.log"
+def _start_worker(sup: Supervisor, pool: str, prefect_api: str, tmp_path: Path, **env: str) -> Path:
+    """``python -m infra.flowworker POOL`` as `up` starts it; returns its log."""
+    name = f"flow-worker-{len(sup.children)}"
     extra = {"PREFECT_WORKER_QUERY_SECONDS": POLL_SECONDS, **env}
-    with log.open("wb") as out:
-        worker = subprocess.Popen([sys.executable, "-m", "infra.flowworker", pool], cwd=PROJECT_ROOT, stdout=out,
-                                  stderr=subprocess.STDOUT, env=prefect_env(prefect_api, tmp_path, extra))
+    sup.start(name, [sys.executable, "-m", "infra.flowworker", pool], env=prefect_env(prefect_api, tmp_path, extra))
+    log = tmp_path / "logs" / f"{name}.log"
     wait_for(lambda: "started!" in log.read_text(), timeout=90, interval=0.2, what="the flow worker")
-    return worker, log
+    return log
 
 
 def _wait_until_listening(log: Path) -> None:
@@ -78,23 +77,19 @@ def _states(run_ids: list[str]) -> dict[str, str]:
 
 
 @pytest.fixture
-def stop_workers() -> Iterator[list[subprocess.Popen[bytes]]]:
-    workers: list[subprocess.Popen[bytes]] = []
-    yield workers
-    for worker in workers:
-        worker.terminate()
-        worker.wait(30)
+def sup(tmp_path: Path) -> Iterator[Supervisor]:
+    """Stops the workers as `up` does: SIGTERM, then SIGKILL after a grace period (a worker's last
+    API calls may wait out a busy SQLite server's retries)."""
+    supervisor = Supervisor(env={}, log_dir=tmp_path / "logs")
+    yield supervisor
+    supervisor.stop()
 
 
-def test_flow_runs_start_at_the_event_and_once_each_across_two_workers(
-        prefect_api: str, tmp_path: Path, stop_workers: list[subprocess.Popen[bytes]]) -> None:
+def test_flow_runs_start_at_the_event_and_once_each_across_two_workers(prefect_api: str, tmp_path: Path,
+                                                                       sup: Supervisor) -> None:
     pool, started = f"wake-{secrets.token_hex(3)}", tmp_path / "started.txt"
     deployment = _pool_with_deployment(pool, started)
-    logs = []
-    for _ in range(2):
-        worker, log = _start_worker(pool, prefect_api, tmp_path)
-        stop_workers.append(worker)
-        logs.append(log)
+    logs = [_start_worker(sup, pool, prefect_api, tmp_path) for _ in range(2)]
     for log in logs:
         _wait_until_listening(log)
 
@@ -108,12 +103,10 @@ def test_flow_runs_start_at_the_event_and_once_each_across_two_workers(
     assert all(state != "SCHEDULED" for state in _states(run_ids).values())
 
 
-def test_with_events_off_the_worker_waits_for_its_poll(
-        prefect_api: str, tmp_path: Path, stop_workers: list[subprocess.Popen[bytes]]) -> None:
+def test_with_events_off_the_worker_waits_for_its_poll(prefect_api: str, tmp_path: Path, sup: Supervisor) -> None:
     pool, started = f"poll-{secrets.token_hex(3)}", tmp_path / "started.txt"
     deployment = _pool_with_deployment(pool, started)
-    worker, log = _start_worker(pool, prefect_api, tmp_path, I2VFLOW_FLOW_WORKER_EVENTS="false")
-    stop_workers.append(worker)
+    log = _start_worker(sup, pool, prefect_api, tmp_path, I2VFLOW_FLOW_WORKER_EVENTS="false")
     time.sleep(3)  # as long as a woken worker is given to get ready
 
     run_ids = _create_runs(deployment, 1)
