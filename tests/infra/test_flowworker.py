@@ -78,8 +78,9 @@ def _states(run_ids: list[str]) -> dict[str, str]:
 
 @pytest.fixture
 def sup(tmp_path: Path) -> Iterator[Supervisor]:
-    """Stops the workers as `up` does: SIGTERM, then SIGKILL after a grace period (a worker's last
-    API calls may wait out a busy SQLite server's retries)."""
+    """Stops the workers as `up` does: SIGTERM, then SIGKILL after a grace period. (In one CI run
+    two workers were still alive long after a SIGTERM; not reproduced here, even with the server
+    stopped, but a test must not leave them behind.)"""
     supervisor = Supervisor(env={}, log_dir=tmp_path / "logs")
     yield supervisor
     supervisor.stop()
