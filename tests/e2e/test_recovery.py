@@ -196,8 +196,10 @@ def test_flow_worker_killed_with_runs_in_flight_recovers_each_job_once(service, 
 
     inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
     stems = [f"host-{i}" for i in range(4)]
+    # Renders of ~7 s, not FAST_SPEC's ~2 s: a flow worker woken at each new run starts them as fast
+    # as the watcher creates them, and 2 s renders could each end before the next run is Running.
     for index, stem in enumerate(stems):
-        drop(inbox, stem, {"prompt": stem, **FAST_SPEC}, png_bytes(color=(index * 60, 120, 1)))
+        drop(inbox, stem, {"prompt": stem, **FAST_SPEC, "steps": 40}, png_bytes(color=(index * 60, 120, 1)))
     handle = start_watcher(inbox, outbox, reconcile_seconds=2.0)
 
     def in_flight(*states: str) -> dict[str, str]:
