@@ -43,7 +43,7 @@ from infra.service import (
     start_workers,
 )
 from infra.settings import Settings
-from tests.helpers import png_bytes, render_task_run
+from tests.helpers import png_bytes, render_task_run, wait_for
 from tests.ports import free_port
 
 LONE_JOB_GAP_S = 1.0  # between a lone job's flow run ending and the next drop
@@ -250,13 +250,13 @@ def _one_job(stem: str, spec: dict[str, Any], inbox: Path, outbox: Path, watcher
     from prefect import get_client
 
     with get_client(sync_client=True) as client:
-        run = client.read_flow_run(data["prefect"]["flow_run_id"])
+        def ended() -> Any:
+            run = client.read_flow_run(data["prefect"]["flow_run_id"])
+            return run if run.state and run.state.is_final() else None
+
         # A lone job meets an idle system: the next is dropped once this run has ended and settled,
         # not while its last API writes still compete with the next run's for SQLite's lock.
-        deadline = time.monotonic() + 60
-        while not (run.state and run.state.is_final()) and time.monotonic() < deadline:
-            time.sleep(0.1)
-            run = client.read_flow_run(run.id)
+        run = wait_for(ended, timeout=60, interval=0.1, what=f"{stem}'s flow run to end")
     time.sleep(LONE_JOB_GAP_S)
     phases = _phases(run, data)
     detected = watcher.ledger._query("SELECT created_at FROM jobs WHERE job_id=?", (data["job_id"],))[0][0]  # type: ignore[attr-defined]

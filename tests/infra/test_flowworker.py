@@ -7,7 +7,6 @@ many times, in all workers, each run was started.
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 import sys
 import time
@@ -25,20 +24,16 @@ POLL_SECONDS = "120"  # Prefect's jitter makes the second poll come after 84 s a
 
 def _pool_with_deployment(pool: str, started: Path) -> Any:
     """A process pool and a deployment (its id) whose flow runs only record that they were started."""
-    from prefect.client.orchestration import get_client
+    from prefect import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
 
     script = started.with_suffix(".sh")
     script.write_text(f'echo "$PREFECT__FLOW_RUN_ID" >> {started}\n')
-
-    async def create() -> Any:
-        async with get_client() as client:
-            await client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
-            flow_id = await client.create_flow_from_name("flowworker-test")
-            return await client.create_deployment(flow_id=flow_id, name=pool, work_pool_name=pool,
-                                                  job_variables={"command": f"sh {script}"})
-
-    return asyncio.run(create())
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+        flow_id = client.create_flow_from_name("flowworker-test")
+        return client.create_deployment(flow_id=flow_id, name=pool, work_pool_name=pool,
+                                        job_variables={"command": f"sh {script}"})
 
 
 def _start_worker(sup: Supervisor, pool: str, prefect_api: str, tmp_path: Path, **env: str) -> Path:
@@ -57,23 +52,17 @@ def _wait_until_listening(log: Path) -> None:
 
 
 def _create_runs(deployment_id: Any, count: int) -> list[str]:
-    from prefect.client.orchestration import get_client
+    from prefect import get_client
 
-    async def create() -> list[str]:
-        async with get_client() as client:
-            return [str((await client.create_flow_run_from_deployment(deployment_id)).id) for _ in range(count)]
-
-    return asyncio.run(create())
+    with get_client(sync_client=True) as client:
+        return [str(client.create_flow_run_from_deployment(deployment_id).id) for _ in range(count)]
 
 
 def _states(run_ids: list[str]) -> dict[str, str]:
-    from prefect.client.orchestration import get_client
+    from prefect import get_client
 
-    async def read() -> dict[str, str]:
-        async with get_client() as client:
-            return {run_id: (await client.read_flow_run(run_id)).state_type.value for run_id in run_ids}
-
-    return asyncio.run(read())
+    with get_client(sync_client=True) as client:
+        return {run_id: client.read_flow_run(run_id).state_type.value for run_id in run_ids}
 
 
 @pytest.fixture
