@@ -42,7 +42,9 @@ def up(port: int = typer.Option(4200, help="Port of the local Prefect server."))
     try:
         api_url = os.environ.get("PREFECT_API_URL") or ""
         if not api_url:
-            _say(f"starting a local Prefect server (SQLite under {prefect_home}) ...")
+            database = ("the database PREFECT_API_DATABASE_CONNECTION_URL names"  # not printed: it may hold a password
+                        if os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL") else f"SQLite under {prefect_home}")
+            _say(f"starting a local Prefect server ({database}) ...")
             sup.env = service.prefect_env("", settings.state_dir)
             sup.env.pop("PREFECT_API_URL")
             api_url = service.start_prefect_server(sup, port, _say)

@@ -106,7 +106,8 @@ class Supervisor:
 
 
 def start_prefect_server(sup: Supervisor, port: int, progress: Progress, timeout: float = 120) -> str:
-    """A local Prefect server on SQLite (its database under PREFECT_HOME)."""
+    """A local Prefect server: on SQLite under PREFECT_HOME, or on the database that
+    PREFECT_API_DATABASE_CONNECTION_URL in ``sup.env`` names (PostgreSQL)."""
     api_url = f"http://127.0.0.1:{port}/api"
     if api_healthy(api_url):
         progress(f"reusing the Prefect server already answering at {api_url}")
