@@ -128,9 +128,6 @@ def apply_deployments(env: dict[str, str], work_pool: str, gpu_limit: int, zombi
     deploy prefect.yaml."""
     from infra.automations import ensure_zombie_automation  # imports prefect: only when applying
 
-    # prefect.yaml's working_dir is the deployer's $PWD, as a shell in the checkout would set it.
-    env = {**env, "PWD": str(PROJECT_ROOT)}
-
     def prefect(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "prefect", *args], env=env, cwd=PROJECT_ROOT,
                               capture_output=True, text=True, check=check, timeout=180)

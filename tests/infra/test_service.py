@@ -41,15 +41,13 @@ def test_second_gpu_worker_is_bound_to_its_card_and_own_metrics_port(tmp_path: P
 
 
 def test_deployments_run_in_the_checkout_with_no_pull_steps(service: object) -> None:
-    """apply_deployments deploys prefect.yaml with the checkout as every flow run's working
-    directory and no pull steps: Prefect's default pull step (set_working_directory) cost
-    0.1-0.17 s of each flow run's start."""
+    """Flow runs run in their worker's working directory, which Supervisor makes the checkout,
+    with no pull steps: Prefect's default pull step (set_working_directory to the deployer's
+    folder) cost 0.1-0.17 s of each flow run's start."""
     from prefect import get_client
-
-    from infra.service import PROJECT_ROOT
 
     with get_client(sync_client=True) as client:
         for name in ("generate-video/generate-video", "campaign/campaign"):
             deployment = client.read_deployment_by_name(name)
             assert not deployment.pull_steps, name
-            assert deployment.job_variables["working_dir"] == str(PROJECT_ROOT), name
+            assert deployment.job_variables["working_dir"] == ".", name
