@@ -75,6 +75,8 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "fast-all": {"preset": "fast", "short_attention": True, "fp8_linear": True, "compile_vae": True},
     "fast-exact": {"preset": "fast", "short_attention": True, "compile_vae": True},
     "fast-jit": {"preset": "fast", "aot": False},  # `fast` as before AOTInductor packages
+    "fast-gn": {"preset": "fast", "channels_last_group_norm": True},
+    "fast-jit-gn": {"preset": "fast", "aot": False, "channels_last_group_norm": True},
     "fast-jit-bf16": {"preset": "fast", "aot": False, "dtype": "bfloat16"},
     "fast-exact-blocks": {"preset": "fast", "short_attention": True, "compile_vae": True, "compile_scope": "blocks"},
 }
@@ -390,6 +392,7 @@ KERNEL_KINDS = (  # first match wins: (kind, name fragments); inductor names its
     ("triton reduction (norms)", ("triton_per", "triton_red")),
     ("triton pointwise", ("triton_poi",)),
     ("short attention (Triton)", ("_short_attention_kernel",)),
+    ("group norm statistics (Triton)", ("_channel_tile_stats_kernel",)),
     ("attention", ("sdpa", "fmha", "flash", "attention")),
     ("convolution", ("fprop", "conv", "dgrad", "wgrad")),
     ("matmul", ("nvjet", "gemm", "cutlass", "cublas")),

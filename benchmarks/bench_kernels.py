@@ -1,4 +1,4 @@
-"""Kernel-level check of two engine levers at the UNet's own shapes: error and speed.
+"""Kernel-level check of three engine levers at the UNet's own shapes: error and speed.
 
 Why: ``bench_engine`` says what a lever does to a whole video; this says why, one layer at a
 time, and validates the numerics before a long run:
@@ -6,7 +6,10 @@ time, and validates the numerics before a long run:
 - ``short_attention`` (Triton) against PyTorch SDPA on the temporal layers' shapes
   (batch = 2 x latent pixels, tokens = frames, heads x 64): max abs error, time ratio;
 - ``Fp8Linear`` against the fp16 ``Linear`` (both under ``torch.compile``, as the engine
-  runs them) on the transformers' matmul shapes: relative error, time ratio.
+  runs them) on the transformers' matmul shapes: relative error, time ratio;
+- ``channels_last_group_norm`` (tiled statistics, Triton on CUDA) against ``F.group_norm``, each
+  followed by SiLU under ``torch.compile`` as in the UNet, on channels-last inputs of the ResNet
+  and temporal layers: max abs error, time ratio, and the kernel's statistics against torch's.
 
 Timings are CUDA-event medians after warm-up, as ratios against the baseline measured in the
 same process. On a CPU (the test suite) it runs the fp8 numerics at small shapes and reports the
@@ -41,6 +44,14 @@ LINEAR_SHAPES = [("qkv 64x64", 131072, 320, 960), ("geglu 64x64", 131072, 320, 2
                  ("ff-out 64x64", 131072, 1280, 320), ("qkv 32x32", 32768, 640, 1920),
                  ("geglu 32x32", 32768, 640, 5120), ("ff-out 32x32", 32768, 2560, 640)]
 CPU_LINEAR_SHAPES = [("small", 256, 64, 128)]
+# (label, batch, frames, channels, side, per_frame): per_frame norms are the ResNets' (one
+# group per frame), the others the temporal layers' (one group over all frames of a video).
+GROUP_NORM_SHAPES = [("512x16 resnet 64x64", 2, 16, 320, 64, True), ("512x16 temporal 64x64", 2, 16, 320, 64, False),
+                     ("512x16 temporal 32x32", 2, 16, 640, 32, False),
+                     ("768x24 resnet 96x96", 2, 24, 320, 96, True), ("768x24 temporal 96x96", 2, 24, 320, 96, False),
+                     ("768x24 temporal up 96x96", 2, 24, 640, 96, False),
+                     ("768x24 temporal 48x48", 2, 24, 640, 48, False)]
+CPU_GROUP_NORM_SHAPES = [("small temporal", 1, 3, 64, 12, False)]
 
 
 def timed(fn: Callable[[], Any], device: str, repeats: int = 20) -> float:
@@ -121,6 +132,57 @@ def linear_rows(device: str) -> list[dict[str, Any]]:
     return rows
 
 
+def channels_last_input(batch: int, frames: int, channels: int, side: int, per_frame: bool,
+                        device: str, dtype: torch.dtype) -> torch.Tensor:
+    """Channels-last frames; for a temporal norm, the (batch, C, frames, H, W) view of them."""
+    flat = torch.randn(batch * frames, channels, side, side, device=device, dtype=dtype)
+    flat = flat.contiguous(memory_format=torch.channels_last)
+    if per_frame:
+        return flat
+    return flat[None].reshape(batch, frames, channels, side, side).permute(0, 2, 1, 3, 4)
+
+
+def group_norm_rows(device: str) -> list[dict[str, Any]]:
+    """Tiled GroupNorm + SiLU against ``F.group_norm`` + SiLU, both compiled on a GPU."""
+    cuda = device.startswith("cuda")
+    rows = []
+    for label, *shape in GROUP_NORM_SHAPES if cuda else CPU_GROUP_NORM_SHAPES:
+        x = channels_last_input(*shape, device, torch.float16 if cuda else torch.float32)
+        rows.append({"shape": label, "input": list(x.shape)} | group_norm_row(x, device))
+        print(rows[-1], flush=True)
+    return rows
+
+
+def group_norm_row(x: torch.Tensor, device: str) -> dict[str, Any]:
+    from infra.engine.group_norm import TILE_POSITIONS, group_norm, tile_statistics
+
+    channels = x.shape[1]
+    weight, bias = torch.randn(channels, device=device), torch.randn(channels, device=device)
+
+    def stock(t: torch.Tensor) -> torch.Tensor:
+        return F.silu(F.group_norm(t, 32, weight.to(t.dtype), bias.to(t.dtype), 1e-5))
+
+    def tiled(t: torch.Tensor) -> torch.Tensor:
+        return F.silu(group_norm(t, 32, weight, bias, 1e-5))
+
+    reference = F.silu(F.group_norm(x.float(), 32, weight, bias, 1e-5))
+    if not device.startswith("cuda"):
+        return {"tiled_max_abs_error": (tiled(x) - reference).abs().max().item()}
+    from infra.engine.triton_kernels import channel_tile_stats
+
+    base, fast = torch.compile(stock, dynamic=False), torch.compile(tiled, dynamic=False)
+    flat = x.movedim(1, -1).reshape(x.shape[0], -1, channels)
+    kernel, torch_stats = channel_tile_stats(flat, TILE_POSITIONS), tile_statistics(flat)
+    stock_ms, tiled_ms = timed(lambda: base(x), device), timed(lambda: fast(x), device)
+    copy_ms = timed(lambda: x.clone(), device)  # one read and one write: the floor
+    return {"stock_max_abs_error": (base(x).float() - reference).abs().max().item(),
+            "tiled_max_abs_error": (fast(x).float() - reference).abs().max().item(),
+            "stats_max_rel_error": max(((a - b).abs().max() / b.abs().max()).item()
+                                       for a, b in zip(kernel, torch_stats, strict=True)),
+            "stock_ms": round(stock_ms, 4), "tiled_ms": round(tiled_ms, 4), "copy_ms": round(copy_ms, 4),
+            "speedup": round(stock_ms / tiled_ms, 3), "copy_over_tiled": round(copy_ms / tiled_ms, 3)}
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -128,7 +190,8 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     gpu = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
     report = {"device": gpu, "torch": torch.__version__,
-              "short_attention": attention_rows(args.device), "fp8_linear": linear_rows(args.device)}
+              "short_attention": attention_rows(args.device), "fp8_linear": linear_rows(args.device),
+              "channels_last_group_norm": group_norm_rows(args.device)}
     slug = gpu.lower().replace(" ", "-")
     out = Path(args.out) / f"kernels-{slug}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

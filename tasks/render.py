@@ -114,6 +114,7 @@ def engine_options() -> Any:
                          memory_mode=settings.memory_mode, oom_fallback=settings.oom_fallback,
                          preset=settings.speed_preset, compile_scope=settings.compile_scope, aot=settings.compile_aot,
                          short_attention=settings.short_attention, host_timesteps=settings.host_timesteps,
+                         channels_last_group_norm=settings.channels_last_group_norm,
                          fp8_linear=settings.fp8_linear,
                          scheduler=settings.scheduler, max_steps=settings.max_steps)
 

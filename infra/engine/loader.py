@@ -58,6 +58,8 @@ class EngineOptions:
     in seconds instead of re-tracing with Dynamo (``compile=default``, ``compile_scope=model``).
     ``short_attention``: temporal self-attention through a Triton kernel (CUDA only; ``None``
     takes the preset's choice).
+    ``channels_last_group_norm``: GroupNorm statistics read along channels-last memory (a Triton
+    kernel; CUDA with ``channels_last`` only; ``None`` takes the preset's choice).
     ``host_timesteps``: the scheduler's timesteps on the host, so no step waits for the GPU
     (``None`` takes the preset's choice).
     ``fp8_linear``: the transformers' Linear layers in e4m3 (Ada/Hopper; changes numerics).
@@ -82,6 +84,7 @@ class EngineOptions:
     compile_scope: str = "model"
     aot: bool | None = None
     short_attention: bool | None = None
+    channels_last_group_norm: bool | None = None
     host_timesteps: bool | None = None
     fp8_linear: bool = False
     gpu_memory_gb: float | None = None

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import torch
 
-from infra.engine import aot, fp8, short_attention
+from infra.engine import aot, fp8, group_norm, short_attention
 from infra.engine.host_timesteps import keep_timesteps_on_host
 
 if TYPE_CHECKING:
@@ -79,6 +79,7 @@ class SpeedPlan:
     compile_scope: str = "model"
     aot: bool = False
     short_attention: bool = False
+    channels_last_group_norm: bool = False
     host_timesteps: bool = False
     fp8_linear: bool = False
     scheduler: str = "default"  # quality-trading (opt-in only)
@@ -157,6 +158,8 @@ def resolve_plan(options: EngineOptions, device: str, memory_mode: str) -> Speed
         overrides["compile_vae"] = options.compile_vae
     if options.short_attention is not None:
         overrides["short_attention"] = options.short_attention
+    if options.channels_last_group_norm is not None:
+        overrides["channels_last_group_norm"] = options.channels_last_group_norm
     if options.aot is not None:
         overrides["aot"] = options.aot
     if options.host_timesteps is not None:
@@ -193,6 +196,12 @@ def resolve_plan(options: EngineOptions, device: str, memory_mode: str) -> Speed
     if reason:
         skipped.append(f"short_attention ({reason})")
         plan = replace(plan, short_attention=False)
+    reason = group_norm.unsupported_reason(device) if plan.channels_last_group_norm else None
+    if plan.channels_last_group_norm and not plan.channels_last:
+        reason = "needs channels_last: it serves channels-last inputs only"
+    if reason:
+        skipped.append(f"channels_last_group_norm ({reason})")
+        plan = replace(plan, channels_last_group_norm=False)
     if plan.fp8_linear and not fp8.fp8_supported(device):
         skipped.append("fp8_linear (needs a CUDA GPU of compute capability 8.9 or newer)")
         plan = replace(plan, fp8_linear=False)
@@ -260,6 +269,10 @@ def apply_plan(pipeline: DiffusionPipeline, plan: SpeedPlan) -> SpeedPlan:
         _channels_last(unet)
         if plan.compile_vae:
             _channels_last(pipeline.vae.decoder)
+    if plan.channels_last_group_norm:
+        group_norm.use_channels_last_group_norm(unet)
+        if plan.compile_vae:
+            group_norm.use_channels_last_group_norm(pipeline.vae.decoder)
     if plan.scheduler == "dpm++":
         from diffusers import DPMSolverMultistepScheduler
 

@@ -7,7 +7,8 @@ tile and runs the tile's full pipeline for a few kilobytes of work; here one sma
 loads a head's Q, K and V whole, does both matmuls in registers and writes the output once.
 It is bandwidth-bound by design: Q, K, V read once, O written once.
 
-``short_attention`` is a ``torch.library`` Triton op, so ``torch.compile`` sees into it.
+``short_attention`` and ``channel_tile_stats`` are ``torch.library`` Triton ops, so
+``torch.compile`` (and AOTInductor) sees into them.
 """
 
 from __future__ import annotations
@@ -66,3 +67,46 @@ def short_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         HEAD_DIM=head_dim, BLOCK_TOKENS=block_tokens, num_warps=2,
     )
     return out
+
+
+@triton.jit
+def _channel_tile_stats_kernel(
+    x_ptr, mean_ptr, m2_ptr, positions, channels, tiles,
+    BLOCK_POSITIONS: tl.constexpr, BLOCK_CHANNELS: tl.constexpr,
+):
+    sample = tl.program_id(0).to(tl.int64)
+    tile = tl.program_id(1)
+    rows = tile * BLOCK_POSITIONS + tl.arange(0, BLOCK_POSITIONS)
+    cols = tl.program_id(2) * BLOCK_CHANNELS + tl.arange(0, BLOCK_CHANNELS)
+    row_ok = rows < positions
+    col_ok = cols < channels
+    valid = row_ok[:, None] & col_ok[None, :]
+    offsets = (sample * positions + rows[:, None].to(tl.int64)) * channels + cols[None, :]
+    x = tl.load(x_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
+    count = tl.minimum(positions - tile * BLOCK_POSITIONS, BLOCK_POSITIONS).to(tl.float32)
+    mean = tl.sum(x, 0) / count
+    deviations = tl.where(valid, x - mean[None, :], 0.0)
+    out = (sample * tiles + tile) * channels + cols
+    tl.store(mean_ptr + out, mean, mask=col_ok)
+    tl.store(m2_ptr + out, tl.sum(deviations * deviations, 0), mask=col_ok)
+
+
+@triton_op("i2vflow::channel_tile_stats", mutates_args=())
+def channel_tile_stats(rows: torch.Tensor, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per ``tile`` positions and channel of ``(N, positions, C)`` rows: mean and squared deviations.
+
+    Why a kernel: each program reads a [positions x channels] block along the memory of a
+    channels-last tensor, so every byte is read once (see ``group_norm.py``). Float32 outputs of
+    shape (N, tiles, C); ``group_norm.tile_statistics`` is the same computation in torch.
+    """
+    rows = rows.contiguous()
+    samples, positions, channels = rows.shape
+    tiles = triton.cdiv(positions, tile)
+    mean = torch.empty((samples, tiles, channels), dtype=torch.float32, device=rows.device)
+    m2 = torch.empty_like(mean)
+    block_channels = 64
+    wrap_triton(_channel_tile_stats_kernel)[(samples, tiles, triton.cdiv(channels, block_channels))](
+        rows, mean, m2, positions, channels, tiles,
+        BLOCK_POSITIONS=tile, BLOCK_CHANNELS=block_channels, num_warps=8,
+    )
+    return mean, m2
