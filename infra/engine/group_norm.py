@@ -76,7 +76,7 @@ def group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: 
     mean = (tile_mean * counts).sum((1, 3)) / total
     spread = (tile_mean - mean.view(samples, 1, groups, 1)).square() * counts
     rstd = torch.rsqrt((tile_m2.sum((1, 3)) + spread.sum((1, 3))) / total + eps)
-    # 3. normalise per channel, (x - mean) * scale + shift, left to the compiler to fuse
+    # 3. normalise per channel, (x - mean) * scale + bias, left to the compiler to fuse
     broadcast = (samples, channels) + (1,) * (x.ndim - 2)
     mean = mean.repeat_interleave(channels // groups, dim=1).view(broadcast)
     scale = rstd.repeat_interleave(channels // groups, dim=1)
@@ -86,6 +86,7 @@ def group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: 
     if bias is not None:
         out = out + bias.float().view(broadcast[1:])
     return out.to(x.dtype)
+
 
 class ChannelsLastGroupNorm(torch.nn.GroupNorm):
     """``nn.GroupNorm`` whose video-shaped (N, C, frames, H, W) inputs take ``group_norm`` above.
