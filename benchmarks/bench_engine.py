@@ -341,6 +341,9 @@ class Bench:
                 def call() -> np.ndarray:
                     rendered = engine.render(self.request())
                     result.memory_mode = rendered.memory_mode  # an OOM fallback shows here
+                    # A package that could not be built ran under torch.compile: say so beside its time.
+                    assert result.speed is not None
+                    result.speed["aot_fallbacks"] = rendered.speed["aot_fallbacks"]
                     return rendered.frames
 
             times: list[float] = []
@@ -498,6 +501,8 @@ def markdown_table(report: dict[str, Any]) -> str:
         ) or "-"
         if r.get("options") and "decode_chunk_size" in r["options"]:
             levers += f", decode_chunk={r['options']['decode_chunk_size']}"
+        if speed.get("aot_fallbacks"):
+            levers += f"; **aot fell back to torch.compile**: {'; '.join(speed['aot_fallbacks'])}"
         lines.append(
             f"| {r['name']} | {r['median_seconds']} | {r['speedup_vs_stock']} | "
             f"{r['first_call_seconds']} | {r['load_seconds']} | {r['peak_gib']} | {r['tflops']} | "

@@ -11,7 +11,7 @@ from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-from benchmarks.bench_engine import VARIANTS, kernel_summary, run  # noqa: E402
+from benchmarks.bench_engine import VARIANTS, kernel_summary, markdown_table, run  # noqa: E402
 
 
 def test_cpu_benchmark_writes_json_and_markdown(tmp_path: Path) -> None:
@@ -45,6 +45,11 @@ def test_cpu_benchmark_writes_json_and_markdown(tmp_path: Path) -> None:
     assert saved["environment"]["device"] == "cpu" and saved["config"]["size"] == 64
     table = (out / "engine-cpu-64x4.md").read_text()
     assert "| stock |" in table and "| auto |" in table
+    # Each engine variant records whether AOT packages fell back to torch.compile, and the table says so:
+    # otherwise a package that failed to build would be timed and reported as the packaged path.
+    assert auto["speed"]["aot_fallbacks"] == [] and "fell back" not in table
+    auto["speed"]["aot_fallbacks"] = ["unet: RuntimeError: no kernel"]
+    assert "**aot fell back to torch.compile**: unet: RuntimeError: no kernel" in markdown_table(report)
 
 
 def test_every_variant_is_engine_options() -> None:
