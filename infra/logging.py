@@ -3,11 +3,12 @@
 Why through the stdlib logger ``i2vflow``: Prefect forwards records of loggers named in
 ``PREFECT_LOGGING_EXTRA_LOGGERS`` to the run's logs in the UI (with the task-run id filled in),
 so the same records reach the console, the file and the UI. Inside a flow or task run the
-flow-run and task-run ids are bound automatically; secrets are redacted before rendering.
+flow-run and task-run ids are bound automatically; secrets are masked in the finished line.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import logging.handlers
 import os
@@ -19,23 +20,68 @@ from typing import Any
 import structlog
 
 LOGGER_NAME = "i2vflow"
-_SECRET_KEYS = re.compile(r"(secret|password|passwd|token|authorization|access_key|api_key)", re.I)
+MASK = "**********"
+_SECRET_KEYS = re.compile(r"(secret|password|passwd|token|authorization|access_key|api_key|auth_string)", re.I)
+# Secrets that only ever live in the environment (the settings' own are registered when read).
 _SECRET_ENV = ("I2VFLOW_S3_SECRET_KEY", "I2VFLOW_S3_ACCESS_KEY", "I2VFLOW_WEBHOOK_TOKEN",
-               "AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "MINIO_ROOT_PASSWORD",
-               "AWS_SESSION_TOKEN", "PREFECT_API_KEY")
+               "AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "MINIO_ROOT_USER",
+               "MINIO_ROOT_PASSWORD", "POSTGRES_PASSWORD", "PREFECT_API_KEY", "PREFECT_API_AUTH_STRING",
+               "PREFECT_SERVER_API_AUTH_STRING")
+# user:password@ in any URL (a database or S3 URL pasted into a setting or an error message).
+_URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^/:@\s\"']+:)[^@\s\"']+@", re.I)
+_registered: set[str] = set()
 
 
-def _redact(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
-    """Mask values under secret-looking keys, and any known secret value anywhere."""
-    secrets = [v for name in _SECRET_ENV if len(v := os.environ.get(name, "")) >= 4]
-    for key, value in list(event.items()):
-        if _SECRET_KEYS.search(key) and value:
-            event[key] = "**********"
-        elif isinstance(value, str):
-            for secret in secrets:
-                value = value.replace(secret, "**********")
-            event[key] = value
-    return event
+def register_secret(*values: str | None) -> None:
+    """Mask these values wherever they would appear in a log line from now on.
+
+    For secrets that do not come from the environment: the settings file's, a Prefect Secret
+    block's. Values under 4 characters are ignored (masking them would garble every line).
+    """
+    _registered.update(v for v in values if v and len(v) >= 4)
+
+
+def _secret_values() -> list[str]:
+    values = {v for name in _SECRET_ENV if len(v := os.environ.get(name, "")) >= 4} | _registered
+    return sorted(values, key=len, reverse=True)  # a longer secret containing a shorter one goes first
+
+
+def _mask_secret_keys(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    """Mask values under secret-looking keys, at any depth."""
+    return _masked(event)
+
+
+def _masked(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: MASK if isinstance(k, str) and _SECRET_KEYS.search(k) and v else _masked(v)
+                for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_masked(v) for v in value]
+    return value
+
+
+def scrub(text: str) -> str:
+    """``text`` with every known secret value and URL password replaced by the mask."""
+    for secret in _secret_values():
+        text = text.replace(secret, MASK)
+        escaped = json.dumps(secret)[1:-1]  # as it appears inside a JSON string
+        if escaped != secret:
+            text = text.replace(escaped, MASK)
+    return _URL_PASSWORD.sub(rf"\g<1>{MASK}@", text)
+
+
+class _ScrubbedJSONRenderer:
+    """Render the event as one JSON line, then scrub it.
+
+    Scrubbing the finished line, not the event's values, also catches secrets inside nested
+    values, exception messages and tracebacks, whatever their type was before rendering.
+    """
+
+    def __init__(self) -> None:
+        self._render = structlog.processors.JSONRenderer(sort_keys=False)
+
+    def __call__(self, logger: Any, name: str, event: dict[str, Any]) -> str:
+        return scrub(str(self._render(logger, name, event)))
 
 
 def _prefect_context(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
@@ -65,9 +111,9 @@ def configure_logging(log_file: Path | None = None, level: str = "INFO") -> None
             structlog.stdlib.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             _prefect_context,
-            _redact,
+            _mask_secret_keys,
             structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(sort_keys=False),
+            _ScrubbedJSONRenderer(),
         ],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),

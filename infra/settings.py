@@ -21,6 +21,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from infra.logging import register_secret
+
 
 class Settings(BaseSettings):
     """Settings of the watcher, the workers and the engine."""
@@ -143,6 +145,13 @@ class Settings(BaseSettings):
                 f"({self.render_timeout_seconds:g}): a flow reads its render's result up to that long after "
                 "submitting it; raise I2VFLOW_RESULT_TTL_SECONDS"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _secrets_never_logged(self) -> Settings:
+        # Wherever a secret came from (environment or I2VFLOW_CONFIG's file), log lines mask it.
+        register_secret(*(s.get_secret_value() for s in (self.s3_access_key, self.s3_secret_key, self.webhook_token)
+                          if s is not None))
         return self
 
     @property

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from infra.logging import register_secret
 from infra.settings import Settings
 from infra.store.base import ObjectInfo, Store, StoreError, UnsafeKeyError
 from infra.store.folder import FolderStore, check_key
@@ -113,4 +114,5 @@ def _credentials_from_block(name: str) -> tuple[str, str]:
     access, sep, secret = str(value).partition(":")
     if not (sep and access and secret):
         raise StoreError(f"Prefect Secret block {name!r} must hold 'ACCESS:SECRET'")
+    register_secret(access, secret)  # the block's values are in no environment variable
     return access, secret
