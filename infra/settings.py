@@ -11,11 +11,12 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -75,6 +76,10 @@ class Settings(BaseSettings):
 
     # Model engine.
     model: str = "tiny"
+    job_models: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["tiny", "i2vgen-xl"],
+        description='What a job\'s "model" may name (comma list of registry names, local folders, hub ids); '
+        "I2VFLOW_MODEL is always allowed. Anything else is bad input, refused before any GPU time.")
     model_cache: Path = Path("data/models")
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
@@ -136,6 +141,15 @@ class Settings(BaseSettings):
         if config_file:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
         return tuple(sources)
+
+    @field_validator("job_models", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        return [item.strip() for item in value.split(",") if item.strip()] if isinstance(value, str) else value
+
+    def offers_model(self, model: str) -> bool:
+        """Whether a job may ask for ``model`` (its own \"model\" field)."""
+        return model == self.model or model in self.job_models
 
     @model_validator(mode="after")
     def _results_outlive_renders(self) -> Settings:

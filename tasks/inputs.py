@@ -60,6 +60,16 @@ def _unsafe_reference(ticket: JobTicket) -> BadInputError:
     return BadInputError(ErrorReport(error="unsafe_path", message=item.problem, problems=[item]))
 
 
+def _model_not_offered(ticket: JobTicket, model: str, service_model: str, offered: list[str]) -> BadInputError:
+    # Checked here, not on the GPU worker: a typo'd hub id would otherwise be fetched, fail, and retry.
+    source = ticket.spec_key or ", ".join(ticket.defaults_keys)
+    names = ", ".join(dict.fromkeys([service_model, *offered]))
+    item = FieldProblem(field="model", problem=f"{source}: model {model!r} is not one this service offers",
+                        fix=f'leave "model" out to use the service\'s model ({service_model}) or name one of: '
+                        f"{names} (the operator offers more with I2VFLOW_JOB_MODELS)")
+    return BadInputError(ErrorReport(error="unknown_model", message=item.problem, problems=[item]))
+
+
 # Store errors retry for about two minutes: an S3 server restarting must not lose the job.
 @task(name="load-inputs", retries=4, retry_delay_seconds=[2, 10, 30, 60],
       retry_condition_fn=lambda task, run, state: not _is_final(state))
@@ -75,6 +85,8 @@ def load_inputs(ticket: JobTicket, overrides: dict[str, Any] | None = None) -> P
     if spec_raw is not None:
         layers.append((ticket.spec_key or "", spec_raw))
     spec = resolve_spec(layers) if layers else resolve_spec([("(no JSON)", b"{}")])
+    if spec.model is not None and not settings.offers_model(spec.model):
+        raise _model_not_offered(ticket, spec.model, settings.model, settings.job_models)
     if overrides:
         from infra.campaign import apply_overrides
 

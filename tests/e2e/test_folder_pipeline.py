@@ -110,6 +110,7 @@ BAD_INPUTS = {
     "out-of-range": ({"prompt": "p", "fps": 100}, png_bytes(), "invalid_spec", "fps"),
     "unknown-key": ({"prompt": "p", "num_frame": 8}, png_bytes(), "invalid_spec", "num_frame"),
     "no-prompt": ({"steps": 10}, png_bytes(), "invalid_spec", "prompt"),
+    "unknown-model": ({"prompt": "p", "model": "ali-vilab/i2vgen-x"}, png_bytes(), "unknown_model", "model"),
     "escape": ({"prompt": "p", "image": "../../etc/passwd.png"}, None, "unsafe_path", "image"),
 }
 

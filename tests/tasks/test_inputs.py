@@ -13,6 +13,7 @@ from PIL import Image
 
 from infra.images import decode_image
 from infra.jobs import JobTicket
+from infra.spec import BadInputError
 from tasks.inputs import load_inputs
 
 
@@ -51,3 +52,29 @@ def test_the_dropped_file_goes_to_the_renderer_unchanged(tmp_path: Path, name: s
     assert rendered_from.mode == "RGB" and rendered_from.size == (96, 64)
     validated = decode_image(encoded.getvalue(), name, max_pixels=10_000)
     assert np.array_equal(np.asarray(rendered_from), np.asarray(validated))
+
+
+@pytest.mark.parametrize("model", ["ali-vilab/i2vgen-x", "/srv/models/anything", "i2vgen"])
+def test_a_model_the_service_does_not_offer_is_bad_input_before_any_gpu_time(tmp_path: Path, model: str) -> None:
+    """A typo'd hub id must not reach the GPU worker, where it would be fetched, fail and be retried."""
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    _photo("RGB", (64, 64)).save(inbox / "item.png")
+    (inbox / "item.json").write_text(f'{{"prompt": "p", "model": "{model}"}}')
+
+    with pytest.raises(BadInputError) as caught:
+        load_inputs.fn(_ticket(inbox, "item.png", "item.json"))
+
+    report = caught.value.report
+    assert report.error == "unknown_model"
+    (problem,) = report.problems
+    assert problem.field == "model" and repr(model) in problem.problem and "item.json" in problem.problem
+    assert "tiny" in problem.fix and "i2vgen-xl" in problem.fix and "I2VFLOW_JOB_MODELS" in problem.fix
+
+
+def test_an_offered_model_passes(tmp_path: Path) -> None:
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    _photo("RGB", (64, 64)).save(inbox / "item.png")
+    (inbox / "item.json").write_text('{"prompt": "p", "model": "tiny"}')
+    assert load_inputs.fn(_ticket(inbox, "item.png", "item.json")).model == "tiny"
