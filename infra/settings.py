@@ -12,6 +12,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import unquote, urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
@@ -162,6 +163,21 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _outbox_apart_from_inbox(self) -> Settings:
+        # Outputs are named after their inputs: an outbox inside (or equal to) the inbox would put
+        # NAME.json sidecars over the jobs' own NAME.json, and an inbox inside the outbox would
+        # watch the outputs as new drops.
+        inbox, outbox = _location_parts(self.inbox), _location_parts(self.outbox)
+        shorter = min(len(inbox), len(outbox))
+        if inbox[:shorter] == outbox[:shorter]:
+            raise ValueError(
+                f"inbox ({self.inbox}) and outbox ({self.outbox}) overlap: videos and sidecars are named after "
+                "their inputs and would overwrite them or be watched as new drops; give I2VFLOW_OUTBOX its own "
+                "folder or prefix beside the inbox, e.g. data/outbox or s3://assets/outbox"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _secrets_never_logged(self) -> Settings:
         # Wherever a secret came from (environment or I2VFLOW_CONFIG's file), log lines mask it.
         register_secret(*(s.get_secret_value() for s in (self.s3_access_key, self.s3_secret_key, self.webhook_token)
@@ -175,6 +191,15 @@ class Settings(BaseSettings):
     @property
     def ledger_path(self) -> Path:
         return self.state_dir / "ledger.sqlite3"
+
+
+def _location_parts(location: str) -> tuple[str, ...]:
+    """A folder or ``s3://bucket/prefix`` as path segments, so nesting is a shared beginning."""
+    if location.startswith("s3://"):
+        return ("s3:", *(part for part in location.removeprefix("s3://").split("/") if part))
+    if location.startswith("file://"):
+        location = unquote(urlsplit(location).path)
+    return ("file:", *Path(location).expanduser().resolve().parts)
 
 
 @lru_cache(maxsize=1)

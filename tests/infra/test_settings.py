@@ -17,3 +17,30 @@ def test_a_job_may_ask_for_an_offered_model_or_the_services_own() -> None:
     assert settings.offers_model("tiny") and settings.offers_model("/models/house-style")
     assert not settings.offers_model("i2vgen-xl")  # registry name, but not offered here
     assert Settings().offers_model("i2vgen-xl") and not Settings().offers_model("ali-vilab/i2vgen-x")
+
+
+@pytest.mark.parametrize(("inbox", "outbox"), [
+    ("data/inbox", "data/inbox"),
+    ("data/inbox", "data/inbox/out"),  # the outbox inside the inbox
+    ("data/io/outbox/in", "data/io/outbox"),  # the inbox inside the outbox
+    ("data/inbox", "file://{cwd}/data/inbox/"),
+    ("s3://assets", "s3://assets/outbox"),
+    ("s3://assets/inbox/", "s3://assets//inbox"),
+])
+def test_an_outbox_overlapping_the_inbox_is_refused(inbox: str, outbox: str) -> None:
+    """Sidecars are NAME.json: in the inbox they would overwrite the jobs' own NAME.json."""
+    import os
+
+    with pytest.raises(ValueError, match="overlap.*I2VFLOW_OUTBOX"):
+        Settings(inbox=inbox, outbox=outbox.format(cwd=os.getcwd()))
+
+
+@pytest.mark.parametrize(("inbox", "outbox"), [
+    ("data/inbox", "data/outbox"),
+    ("data/in", "data/inbox"),  # a shared name beginning is not nesting
+    ("s3://assets/inbox", "s3://assets/outbox"),
+    ("s3://assets/inbox", "s3://renders/inbox"),
+    ("data/inbox", "s3://data/inbox"),
+])
+def test_separate_inbox_and_outbox_are_accepted(inbox: str, outbox: str) -> None:
+    assert Settings(inbox=inbox, outbox=outbox).outbox == outbox
