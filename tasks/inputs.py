@@ -14,7 +14,7 @@ from PIL import Image
 from prefect import task
 from pydantic import BaseModel, ConfigDict
 
-from infra.images import decode_image
+from infra.images import decode_image, upright_rgb
 from infra.jobs import JobTicket
 from infra.settings import get_settings
 from infra.spec import BadInputError, ErrorReport, FieldProblem, JobSpec, derive_seed, resolve_spec
@@ -46,7 +46,7 @@ class PreparedJob(BaseModel):
 
     def rgb_image(self) -> Image.Image:
         """The image as the renderer takes it, the same pixels decode_image gave."""
-        return Image.open(io.BytesIO(self.image_file)).convert("RGB")
+        return upright_rgb(Image.open(io.BytesIO(self.image_file)))
 
 
 class InputChangedError(RuntimeError):

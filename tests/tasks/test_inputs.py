@@ -78,3 +78,22 @@ def test_an_offered_model_passes(tmp_path: Path) -> None:
     _photo("RGB", (64, 64)).save(inbox / "item.png")
     (inbox / "item.json").write_text('{"prompt": "p", "model": "tiny"}')
     assert load_inputs.fn(_ticket(inbox, "item.png", "item.json")).model == "tiny"
+
+
+def test_a_portrait_phone_photo_reaches_the_renderer_upright(tmp_path: Path) -> None:
+    """Phones store portrait shots sideways with an EXIF orientation; the video must not be sideways."""
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    encoded = io.BytesIO()
+    _photo("RGB", (96, 64)).save(encoded, format="JPEG", quality=90, exif=exif.tobytes())
+    (inbox / "item.jpg").write_bytes(encoded.getvalue())
+    (inbox / "item.json").write_text('{"prompt": "p"}')
+
+    job = load_inputs.fn(_ticket(inbox, "item.jpg", "item.json"))
+
+    assert job.image_size == (64, 96) and job.height > job.width  # portrait, as the phone showed it
+    assert job.image_file == encoded.getvalue()
+    assert job.rgb_image().size == (64, 96)
+    assert np.array_equal(np.asarray(job.rgb_image()), np.asarray(decode_image(encoded.getvalue(), "i", 10_000)))
