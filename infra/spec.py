@@ -11,7 +11,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -44,6 +44,14 @@ class JobSpec(BaseModel):
     def _printable(cls, value: str | None) -> str | None:
         if value is not None and any(ord(c) < 32 and c not in "\t\n" for c in value):
             raise ValueError("contains control characters")
+        return value
+
+    @field_validator("num_frames", "fps", "steps", "guidance_scale", "width", "height", "seed", mode="before")
+    @classmethod
+    def _not_true_or_false(cls, value: object) -> object:
+        # JSON's true would otherwise pass as 1: a typo'd value must not silently become a setting.
+        if isinstance(value, bool):
+            raise ValueError(f"expected a number, got {str(value).lower()}")
         return value
 
     def check_size_fields(self) -> None:
@@ -108,17 +116,42 @@ _FIXES: dict[str, str] = {
     "extra_forbidden": "remove it or correct its spelling; allowed keys: {allowed}",
     "missing": "add it; 'prompt' is a sentence describing the motion, e.g. "
     '"product rotating slowly under studio light"',
-    "literal_error": "use one of the allowed values",
 }
 
 
-def _fix_for(error_type: str, message: str) -> str:
+def _fix_for(error_type: str, message: str, field: str | None = None) -> str:
     template = _FIXES.get(error_type)
     if template:
         return template.format(allowed=", ".join(JobSpec.model_fields))
+    accepted = accepted_values(field) if field else None
+    if accepted:
+        return f"use {accepted}"
     if error_type.endswith(("_type", "_parsing")):
         return f"use the right type: {message}"
     return f"change the value: {message}"
+
+
+def accepted_values(field: str) -> str | None:
+    """What a JobSpec field accepts, read from its declaration: 'a whole number from 4 to 24 (default 8)'."""
+    info = JobSpec.model_fields.get(field)
+    if info is None:
+        return None
+    kinds = [arg for arg in get_args(info.annotation) or (info.annotation,) if arg is not type(None)]
+    limit = {name: getattr(m, name) for m in info.metadata
+             for name in ("ge", "le", "multiple_of", "min_length", "max_length") if hasattr(m, name)}
+    if kinds and get_origin(kinds[0]) is Literal:
+        text = "one of " + ", ".join(json.dumps(v) for v in get_args(kinds[0]))
+    elif kinds and kinds[0] in (int, float):
+        kind = "a whole number" if kinds[0] is int else "a number"
+        text = f"{kind} from {_number(limit['ge'])} to {_number(limit['le'])}"
+        text += f", a multiple of {limit['multiple_of']}" if "multiple_of" in limit else ""
+    else:
+        text = f"text of {limit.get('min_length', 0)} to {limit['max_length']} characters"
+    return text + (f" (default {_number(info.default)})" if isinstance(info.default, int | float) else "")
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 def problems_from_validation(error: ValidationError, source: str) -> list[FieldProblem]:
@@ -130,7 +163,7 @@ def problems_from_validation(error: ValidationError, source: str) -> list[FieldP
             FieldProblem(
                 field=field,
                 problem=f"{source}: {item['msg']} (got {_short(item.get('input'))})",
-                fix=_fix_for(item["type"], item["msg"]),
+                fix=_fix_for(item["type"], item["msg"], field),
             )
         )
     return problems
@@ -174,8 +207,12 @@ def _nesting_depth(text: str) -> int:
     in_string = escaped = False
     for char in text:
         if in_string:
-            escaped = not escaped and char == "\\"
-            in_string = escaped or char != '"'
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
         elif char == '"':
             in_string = True
         elif char in "[{":

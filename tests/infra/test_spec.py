@@ -41,6 +41,8 @@ def test_later_layers_override_defaults() -> None:
     ({"prompt": "p", "resolution": "4k"}, "resolution", "512p"),
     ({"prompt": "p", "width": 100, "height": 64}, "width", "multiple of 8"),
     ({"prompt": "p", "seed": -1}, "seed", "greater than or equal to 0"),
+    ({"prompt": "p", "seed": True}, "seed", "expected a number, got true"),
+    ({"prompt": "p", "num_frames": False}, "num_frames", "expected a number, got false"),
     ({"prompt": ""}, "prompt", "at least 1"),
     ({"prompt": "x" * 100_000}, "prompt", "at most 2000"),
     ({"prompt": "bell\x07"}, "prompt", "control characters"),
@@ -52,6 +54,26 @@ def test_each_bad_field_is_named_with_a_fix(payload: dict, field: str, words: st
     assert report.problems[0].field == field
     assert words in report.problems[0].problem
     assert report.problems[0].fix
+
+
+@pytest.mark.parametrize(("payload", "fix"), [
+    ({"prompt": "p", "fps": 60}, "use a whole number from 4 to 24 (default 8)"),
+    ({"prompt": "p", "num_frames": "lots"}, "use a whole number from 8 to 32 (default 16)"),
+    ({"prompt": "p", "guidance_scale": 0.5}, "use a number from 1 to 20 (default 9)"),
+    ({"prompt": "p", "resolution": "4k"}, 'use one of "256p", "512p", "768p"'),
+    ({"prompt": "p", "width": 513, "height": 512}, "use a whole number from 64 to 1280, a multiple of 8"),
+    ({"prompt": "p", "seed": -1}, "use a whole number from 0 to 4294967295"),
+    ({"prompt": ""}, "use text of 1 to 2000 characters"),
+])
+def test_the_fix_says_what_the_field_accepts(payload: dict, fix: str) -> None:
+    """Not pydantic's complaint again: the range, the step and the default, read from the schema."""
+    assert _error(payload).report.problems[0].fix == fix
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting() -> None:
+    prompt = 'say \\"' + "[" * 40  # as written in the JSON: an escaped quote, then brackets, inside the string
+    data = parse_json_object(('{"prompt": "' + prompt + '"}').encode(), "x.json")
+    assert data["prompt"] == 'say "' + "[" * 40
 
 
 def test_unknown_keys_are_errors_listing_the_allowed_ones() -> None:
