@@ -233,7 +233,6 @@ def test_webhook_event_starts_the_job_long_before_the_next_poll(watch_bucket, s3
     time.sleep(1)  # the first listing (at start) is done; the next poll is 120 s away
     put(client, bucket, "inbox/vase ü+1.json", {"prompt": "flowers sway", **FAST_SPEC})
     put(client, bucket, "inbox/vase ü+1.png", png_bytes(color=(120, 0, 120)))
-    started = time.monotonic()
     event = {"EventName": "s3:ObjectCreated:Put", "Key": f"{bucket}/inbox%2Fvase+%C3%BC%2B1.png", "Records": [
         {"eventName": "s3:ObjectCreated:Put",
          "s3": {"bucket": {"name": bucket}, "object": {"key": "inbox%2Fvase+%C3%BC%2B1.png", "size": 1}}}]}
@@ -243,7 +242,7 @@ def test_webhook_event_starts_the_job_long_before_the_next_poll(watch_bucket, s3
         assert json.loads(response.read())["woke"] is True
     # Well under the 120 s poll, with room for SQLite's lock retries (2-30 s) on the run's creation.
     wait_for(lambda: runs_like("vase ü+1-%"), timeout=60, interval=0.05, what="run created after the event")
-    assert time.monotonic() - started < 60 and hook.stats.wakes == 1
+    assert hook.stats.wakes == 1
     vase = sidecar(client, bucket, "outbox/vase ü+1.json")
     assert vase["frames"] == 8
     handle.stop_event.set()

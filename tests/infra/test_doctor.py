@@ -20,13 +20,22 @@ from tests.ports import free_port
 
 
 @pytest.fixture
-def settings(service, tiny_model_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
+def settings(service, prefect_api: str, tiny_model_cache: Path, tmp_path: Path,
+             monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """Settings of a healthy host, once the service's workers are up: each test then breaks one thing,
+    and its other checks must stay OK whichever test runs first."""
     monkeypatch.setenv("PATH", service.env["PATH"])  # the doctor judges the PATH the workers have
     (tmp_path / "inbox").mkdir()
     (tmp_path / "outbox").mkdir()
-    return Settings(inbox=str(tmp_path / "inbox"), outbox=str(tmp_path / "outbox"), state_dir=tmp_path / "state",
-                    model_cache=tiny_model_cache,
-                    gpu_worker_metrics_port=int(service.env["I2VFLOW_GPU_WORKER_METRICS_PORT"]))
+    settings = Settings(inbox=str(tmp_path / "inbox"), outbox=str(tmp_path / "outbox"),
+                        state_dir=tmp_path / "state", model_cache=tiny_model_cache,
+                        gpu_worker_metrics_port=int(service.env["I2VFLOW_GPU_WORKER_METRICS_PORT"]))
+    # The service fixture does not wait for its workers; neither does an operator after `up`.
+    # (A GPU worker killed by another test stays listed by Prefect until its socket is found dead.)
+    workers = ("work pool", "gpu task worker")
+    wait_for(lambda: all(run_checks(settings, prefect_api).get(name).status == OK for name in workers),
+             timeout=180, interval=2, what="the workers to come up")
+    return settings
 
 
 def _doctor_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -35,13 +44,11 @@ def _doctor_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[
 
 
 def test_all_ok_on_the_running_service(service, prefect_api: str, settings: Settings) -> None:
-    # The service fixture does not wait for its workers; neither does an operator after `up`.
-    # (A GPU worker killed by another test stays listed by Prefect until its socket is found dead.)
     reports = []
     try:
         wait_for(lambda: reports.append(run_checks(settings, prefect_api)) or
-                 all(c.status == OK for c in reports[-1].checks), timeout=180, interval=2,
-                 what="the workers to come up")
+                 all(c.status == OK for c in reports[-1].checks), timeout=60, interval=2,
+                 what="every check to pass")
     finally:
         text = reports[-1].render()
         print(text)
@@ -64,8 +71,6 @@ def test_all_ok_on_the_running_service(service, prefect_api: str, settings: Sett
 def test_too_few_gpu_slots_for_staged_renders_is_a_warning_with_the_number(service, prefect_api: str,
                                                                           settings: Settings) -> None:
     """The session's limit (2) fits its one GPU worker x 2 slots; a fleet set to 3 slots does not."""
-    wait_for(lambda: run_checks(settings, prefect_api).get("gpu task worker").status == OK, timeout=180,
-             interval=2, what="the GPU worker to subscribe")
     check = run_checks(settings.model_copy(update={"gpu_worker_slots": 3}), prefect_api).get("gpu concurrency limit")
     assert check.status == WARN, check
     assert "2 slot(s) for 1 GPU worker(s) x 3" in check.detail

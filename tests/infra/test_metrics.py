@@ -9,12 +9,15 @@ real service. Metrics are process-wide, so every assertion is about how much a v
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import threading
 import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
+from prefect import get_client
 from prefect.events import emit_event
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -23,6 +26,7 @@ from infra import metrics
 from infra.jobs import JobTicket
 from infra.ledger import Ledger
 from infra.orchestrator import emit_job_event
+from infra.service import PROJECT_ROOT
 from infra.settings import Settings
 from infra.store.folder import FolderStore
 from infra.watch.folder import start_folder_hints
@@ -154,7 +158,28 @@ def test_outcome_poller_counts_real_prefect_events_once(service, tmp_path: Path)
     assert metrics.FAILURES.labels(reason="invalid_spec")._value.get() - bad == 1
     samples = {s.name: s.value for s in metrics.END_TO_END.collect()[0].samples}
     assert samples["i2vflow_end_to_end_seconds_count"] - count == 1
-    assert metrics.QUEUE_DEPTH.labels(state="scheduled")._value.get() >= 0  # read from the real deployment
+    ledger.close()
+
+
+def test_queue_depth_counts_the_deployments_runs_waiting_for_a_worker(service, tmp_path: Path) -> None:
+    """Flow runs nobody has picked up yet are i2vflow_queue_depth{state="scheduled"}, read from Prefect."""
+    def prefect(*args: str) -> None:
+        subprocess.run([sys.executable, "-m", "prefect", *args], env=service.env, cwd=PROJECT_ROOT,
+                       check=True, capture_output=True, timeout=180)
+
+    prefect("work-pool", "create", "i2vflow-queue-idle", "--type", "process")  # a pool no worker serves
+    prefect("--no-prompt", "deploy", "flows.generate.generate_video", "--name", "queue-depth",
+            "--pool", "i2vflow-queue-idle")
+    inbox = str(tmp_path / "inbox")
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("generate-video/queue-depth")
+        for stem in ("a", "b", "c"):
+            client.create_flow_run_from_deployment(deployment.id,
+                                                   parameters={"ticket": _ticket(inbox, stem).model_dump(mode="json")})
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    metrics.OutcomePoller(inbox, "generate-video/queue-depth", ledger, lookback=60).poll_once()
+    assert metrics.QUEUE_DEPTH.labels(state="scheduled")._value.get() == 3
+    assert metrics.QUEUE_DEPTH.labels(state="running")._value.get() == 0
     ledger.close()
 
 
