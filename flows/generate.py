@@ -2,7 +2,7 @@
 
 Why a flow per job: each drop is visible in the Prefect UI as its own run, named after the
 input (``shoe-3f2a9c``), with its own logs, retries and artifacts. The flow only orchestrates:
-validate the inputs, render on the warm GPU worker, encode, publish.
+validate the inputs, render and encode on the warm GPU worker, publish.
 """
 
 from __future__ import annotations

@@ -44,7 +44,8 @@ class Settings(BaseSettings):
         0.5, ge=0, description="Min gap between the two looks that settle a file no close event vouched for.")
     submit_lease_seconds: float = Field(30.0, gt=0, description="A dead submitter's claim expires after this.")
     reconcile_seconds: float = Field(60.0, gt=0, description="How often ledger, runs and outbox are compared.")
-    max_reschedules: int = Field(3, ge=0, description="Times the reconciler retries a crashed run.")
+    max_reschedules: int = Field(3, ge=0, description="A job's attempts (its submission and the reconciler's "
+                                 "reschedules) before a crashed run is given up: service_failed.")
     max_spec_bytes: int = Field(256 * 1024, gt=0)
     max_image_bytes: int = Field(50 * 1024 * 1024, gt=0)
     max_image_pixels: int = Field(40_000_000, gt=0)
@@ -88,7 +89,8 @@ class Settings(BaseSettings):
     speed_preset: Literal["auto", "stock", "fast"] = Field("auto", description="Engine speed levers "
                                                           "(docs/performance.md); auto: fast on CUDA.")
     compile_scope: Literal["model", "blocks"] = Field("model", description="With compilation on: one graph "
-                                                      "(model) or each repeated block (blocks: faster warm-up).")
+                                                      "(model) or each repeated block (blocks: no AOT packages, "
+                                                      "every start compiles).")
     compile_aot: bool | None = Field(None, description="Compile the UNet ahead of time into AOTInductor "
                                      "packages (one per shape) that later starts load in seconds; unset: the "
                                      "preset's choice.")

@@ -1,7 +1,7 @@
 """Render a video from an image and a prompt, with the model kept warm in this process.
 
 Why: loading I2VGen-XL costs far more than one render, so the engine caches loaded
-pipelines per process (the GPU task worker lives long; FIELD-NOTES: process workers do not).
+pipelines per process (the GPU task worker lives long; process workers start a process per run).
 ``render`` is a numbered list of steps in the diffusers style: check inputs, get the model,
 seed, call the pipeline, convert frames. A CUDA out-of-memory error walks a short ladder:
 free memory, retry once with model CPU offload, then fail with ``RenderOutOfMemory`` that

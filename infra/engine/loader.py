@@ -30,7 +30,7 @@ DEVICES = ("auto", "cpu", "cuda")  # plus "cuda:N"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MEMORY_MODES = ("auto", "full", "slicing", "offload")
 # Free GPU memory needed beyond the weights for "auto" to pick "full": activations of a
-# 512x512x16 I2VGen-XL render peak ~2.4 GiB over the 4.9 GiB of fp16 weights (FIELD-NOTES).
+# 512x512x16 I2VGen-XL render peak ~2.4 GiB over the 4.9 GiB of fp16 weights.
 ACTIVATION_HEADROOM_BYTES = 4 * 1024**3
 
 

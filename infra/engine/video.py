@@ -1,7 +1,7 @@
 """Encode frames to H.264 MP4 and probe MP4 files, refusing silent failures.
 
 Why: ``imageio_ffmpeg.write_frames`` with an odd width or height writes a 0-byte file and
-raises nothing (FIELD-NOTES). So ``encode_mp4`` refuses odd sizes up front, writes to a temp
+raises nothing. So ``encode_mp4`` refuses odd sizes up front, writes to a temp
 name beside the target (a watcher or a reader never sees half a file), counts the frames
 back and only then renames into place. ``probe_mp4`` is the same check for anyone else.
 ``encode_mp4_bytes`` is the same encoding, handed back in memory: the GPU worker encodes where

@@ -6,7 +6,7 @@ the bucket sooner. Listing every ``I2VFLOW_POLL_SECONDS`` finds everything the e
 
 Why this is not ``Minio.listen_bucket_notification``: against a server without the API (AWS S3,
 moto, Garage, SeaweedFS, s3rver) that iterator reconnects in a tight loop forever (500+ requests
-in 5 s, FIELD-NOTES). This module asks once and looks at the answer first:
+in 5 s). This module asks once and looks at the answer first:
 
 1. a JSON line (an event, or the ``{"Records":null}`` keep-alive that ``ping=N`` asks for):
    supported; every later line with records sets ``wake``, after telling ``on_written`` the
@@ -162,7 +162,7 @@ class ListenHints(threading.Thread):
 
     def _created_keys(self, records: list[Any]) -> list[str]:
         """Keys relative to the prefix of the objects these records say were created. The listen
-        stream sends keys unescaped (FIELD-NOTES); a key that names nothing costs one HEAD."""
+        stream sends keys unescaped; a key that names nothing costs one HEAD."""
         keys = []
         for record in records:
             try:

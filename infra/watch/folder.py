@@ -1,7 +1,7 @@
 """Folder hints: watchdog events that wake the scanner early.
 
 Why only hints: inotify misses files copied into brand-new subfolders, doubles Created events
-and drops events on overflow (FIELD-NOTES). So an event never creates a job; it only makes the
+and drops events on overflow. So an event never creates a job; it only makes the
 next rescan come sooner. The rescan is the truth. One event says more than "look": a file
 closed after writing, or renamed into place, is finished, so ``on_written`` is told its key
 and the watcher may take that exact version as settled without a second look (a file copied

@@ -44,3 +44,13 @@ def test_an_outbox_overlapping_the_inbox_is_refused(inbox: str, outbox: str) -> 
 ])
 def test_separate_inbox_and_outbox_are_accepted(inbox: str, outbox: str) -> None:
     assert Settings(inbox=inbox, outbox=outbox).outbox == outbox
+
+
+def test_every_setting_is_in_the_operations_reference() -> None:
+    """docs/operations.md "All settings" is the operator's reference: a new field must land there too."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
+    reference = doc[doc.index("## All settings"):]
+    missing = [name for name in Settings.model_fields if f"`I2VFLOW_{name.upper()}`" not in reference]
+    assert missing == [], f"settings missing from docs/operations.md: {missing}"

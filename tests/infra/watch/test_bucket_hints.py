@@ -3,7 +3,7 @@
 Real servers only: moto's S3 server (which lacks ListenBucketNotification and answers the
 request with a bucket listing, the case that makes minio's own iterator spin forever), a port
 where nothing listens, and a small stdlib HTTP server that streams MinIO-style event lines
-(MinIO's server does not install here; its wire format is in FIELD-NOTES).
+(MinIO's server does not install here; the lines follow MinIO's documented event format).
 """
 
 from __future__ import annotations
