@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import PurePosixPath
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -33,6 +34,7 @@ class JobTicket(BaseModel):
     image_sha256: str | None = None
     spec_sha256: str | None = None
     image_ref_error: str | None = None  # why the inputs were refused unread (unsafe reference, link or name)
+    missing: Literal["spec", "image"] | None = None  # an orphan past I2VFLOW_ORPHAN_SECONDS: reported, not rendered
 
     @property
     def short_id(self) -> str:

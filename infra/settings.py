@@ -44,6 +44,9 @@ class Settings(BaseSettings):
         0.5, ge=0, description="Min gap between the two looks that settle a file no close event vouched for.")
     submit_lease_seconds: float = Field(30.0, gt=0, description="A dead submitter's claim expires after this.")
     reconcile_seconds: float = Field(60.0, gt=0, description="How often ledger, runs and outbox are compared.")
+    orphan_seconds: float = Field(300.0, ge=0, description="An image with no JSON (and no _defaults.json above "
+                                  "it), or a JSON with no image, settled this long gets NAME.error.json saying "
+                                  "what is missing; the job still starts when the file arrives. 0: wait silently.")
     max_reschedules: int = Field(3, ge=0, description="A job's attempts (its submission and the reconciler's "
                                  "reschedules) before a crashed run is given up: service_failed.")
     max_spec_bytes: int = Field(256 * 1024, gt=0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from pathlib import PurePosixPath
 from typing import Any
 
 from PIL import Image
@@ -15,7 +16,7 @@ from prefect import task
 from pydantic import BaseModel, ConfigDict
 
 from infra.images import decode_image, upright_rgb
-from infra.jobs import JobTicket
+from infra.jobs import IMAGE_SUFFIXES, JobTicket
 from infra.settings import get_settings
 from infra.spec import BadInputError, ErrorReport, FieldProblem, JobSpec, derive_seed, resolve_spec
 from infra.store import open_store
@@ -60,6 +61,25 @@ def _unsafe_reference(ticket: JobTicket) -> BadInputError:
     return BadInputError(ErrorReport(error="unsafe_path", message=item.problem, problems=[item]))
 
 
+def _missing_spec(ticket: JobTicket) -> BadInputError:
+    name = f"{PurePosixPath(ticket.stem).name}.json"
+    item = FieldProblem(field="spec", problem=f"{ticket.image_key}: no {name} beside it and no _defaults.json above it",
+                        fix=f'drop {name} next to the image, e.g. {{"prompt": "product rotating slowly under studio '
+                        'light"}; the video is made when it arrives (this report is then removed)')
+    return BadInputError(ErrorReport(error="missing_spec", message=item.problem, problems=[item]))
+
+
+def _missing_image(ticket: JobTicket) -> BadInputError:
+    if ticket.image_key:
+        problem = f"{ticket.spec_key}: its \"image\" names {ticket.image_key}, which is not in the inbox"
+    else:
+        problem = f"{ticket.spec_key}: no image beside it ({', '.join(IMAGE_SUFFIXES)} of the same name)"
+    item = FieldProblem(field="image", problem=problem,
+                        fix="drop the image next to the JSON with the same name, or name it in \"image\"; the "
+                        "video is made when it arrives (this report is then removed)")
+    return BadInputError(ErrorReport(error="missing_image", message=item.problem, problems=[item]))
+
+
 def _model_not_offered(ticket: JobTicket, model: str, service_model: str, offered: list[str]) -> BadInputError:
     # Checked here, not on the GPU worker: a typo'd hub id would otherwise be fetched, fail, and retry.
     source = ticket.spec_key or ", ".join(ticket.defaults_keys)
@@ -78,13 +98,17 @@ def load_inputs(ticket: JobTicket, overrides: dict[str, Any] | None = None) -> P
     ``overrides`` (campaigns) replace spec fields after validation; ``{prompt}`` is the original."""
     settings = get_settings()
     inbox = open_store(ticket.inbox, settings)
-    if ticket.image_ref_error or ticket.image_key is None:
+    if ticket.missing == "spec":
+        raise _missing_spec(ticket)
+    if ticket.image_ref_error or (ticket.image_key is None and ticket.missing is None):
         raise _unsafe_reference(ticket)
     layers = [(key, _read(inbox, key, settings.max_spec_bytes, "spec")) for key in ticket.defaults_keys]
     spec_raw = _read(inbox, ticket.spec_key, settings.max_spec_bytes, "spec") if ticket.spec_key else None
     if spec_raw is not None:
         layers.append((ticket.spec_key or "", spec_raw))
     spec = resolve_spec(layers) if layers else resolve_spec([("(no JSON)", b"{}")])
+    if ticket.missing == "image":  # after the JSON's own problems, which the user fixes at the same time
+        raise _missing_image(ticket)
     if spec.model is not None and not settings.offers_model(spec.model):
         raise _model_not_offered(ticket, spec.model, settings.model, settings.job_models)
     if overrides:

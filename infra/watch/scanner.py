@@ -7,6 +7,8 @@ size and version, or at the first look that sees the exact size and version a hi
 A candidate is an image and its same-named JSON (either may arrive first); with a
 ``_defaults.json`` at or above it, an image alone is a job too, once it has been settled for
 ``grace_seconds`` without its JSON showing up (so a JSON a moment behind its image is not missed).
+An image with neither, settled for ``orphan_seconds``, is a candidate with ``missing="spec"``: the
+watcher reports it, so a drop never waits in silence.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from infra.jobs import DEFAULTS_NAME, IMAGE_SUFFIXES, defaults_chain, is_ignored, is_image, stem_of
 from infra.store.base import ObjectInfo
@@ -30,6 +32,7 @@ class Candidate:
     spec_key: str | None
     defaults_keys: tuple[str, ...]
     objects: tuple[ObjectInfo, ...]
+    missing: str | None = None  # "spec": an image alone past the orphan time, reported, not rendered
 
 
 @dataclass
@@ -92,8 +95,8 @@ class Settler:
         return {key for key, look in self._looks.items() if look.settled_since is None}
 
 
-def pair(settled: dict[str, ObjectInfo], unsettled: set[str],
-         settled_for: dict[str, float], grace_seconds: float) -> list[Candidate]:
+def pair(settled: dict[str, ObjectInfo], unsettled: set[str], settled_for: dict[str, float],
+         grace_seconds: float, orphan_seconds: float | None = None) -> list[Candidate]:
     """Group settled files into candidates; anything with an unsettled sibling waits."""
     keys = {k for k in settled if not is_ignored(k)}
     busy_stems = {stem_of(k) for k in unsettled if not is_ignored(k)}
@@ -110,7 +113,12 @@ def pair(settled: dict[str, ObjectInfo], unsettled: set[str],
             continue
         spec_key = specs.get(stem)
         chain = tuple(d for d in defaults_chain(image_key) if d in defaults)
-        if spec_key is None and (not chain or settled_for.get(image_key, 0.0) < grace_seconds):
+        age = settled_for.get(image_key, 0.0)
+        if spec_key is None and not chain and orphan_seconds and age >= orphan_seconds:
+            taken_stems.add(stem)
+            candidates.append(replace(_candidate(stem, image_key, None, (), settled), missing="spec"))
+            continue
+        if spec_key is None and (not chain or age < grace_seconds):
             continue
         taken_stems.add(stem)
         candidates.append(_candidate(stem, image_key, spec_key, chain, settled))

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import structlog
 
@@ -71,6 +72,7 @@ class Watcher:
         # after failed submits ends as soon as the server is back, not up to a minute later.
         self.server_back: Callable[[], bool] | None = None
         self._next_reconcile = 0.0
+        self.scans = 0  # completed looks: "nothing was submitted" means something only after some
 
     def scan_once(self) -> ScanReport:
         """One look at the inbox: 1. list, 2. settle, 3. pair, 4. record, 5. submit."""
@@ -81,7 +83,7 @@ class Watcher:
         settled_for = {key: self.settler.settled_for(key) for key in settled}
         grace = max(self.settings.settle_seconds * 2, 1.0)
         seen: dict[tuple[ObjectInfo, ...], str] = {}
-        for candidate in pair(settled, self.settler.unsettled(), settled_for, grace):
+        for candidate in pair(settled, self.settler.unsettled(), settled_for, grace, self.settings.orphan_seconds):
             if candidate.objects in self._recorded:  # unchanged since recorded: no re-reading
                 seen[candidate.objects] = self._recorded[candidate.objects]
                 continue
@@ -96,6 +98,7 @@ class Watcher:
         self._recorded = seen  # only what is still there: memory follows the inbox
         self._submit_pending(report)
         metrics.observe_scan(report, self.ledger.counts)
+        self.scans += 1
         return report
 
     def vouch(self, key: str) -> None:
@@ -116,6 +119,8 @@ class Watcher:
         stops the scan of the others."""
         if any(ord(c) < 32 or ord(c) == 127 for c in candidate.stem):
             return self._refused(candidate, "the name contains control characters; rename the files")
+        if candidate.missing == "spec":
+            return self._orphan(candidate, "spec", candidate.image_key)
         try:
             return self._ticket(candidate, settled)
         except UnsafeKeyError as exc:
@@ -135,6 +140,22 @@ class Watcher:
             defaults_keys=candidate.defaults_keys, image_ref_error=why,
         )
 
+    def _orphan(self, candidate: Candidate, missing: Literal["spec", "image"], image_key: str | None) -> JobTicket:
+        """A ticket whose run only reports what is missing (its own job: the finished pair is another)."""
+        versions = "|".join(f"{o.key}:{o.size}:{o.version}" for o in candidate.objects)
+        return JobTicket(
+            job_id=make_job_id(self.route, candidate.stem, None, None, [(f"missing {missing}", versions)]),
+            stem=candidate.stem, inbox=self.inbox_location, outbox=self.outbox_location, image_key=image_key,
+            spec_key=candidate.spec_key, defaults_keys=candidate.defaults_keys, missing=missing,
+        )
+
+    def _waiting_for_image(self, candidate: Candidate, image_key: str | None) -> JobTicket | None:
+        """None while a JSON's image may still come; past the orphan time, the report of its absence."""
+        orphan_after = self.settings.orphan_seconds
+        if orphan_after and self.settler.settled_for(candidate.spec_key or "") >= orphan_after:
+            return self._orphan(candidate, "image", image_key)
+        return None
+
     def _ticket(self, candidate: Candidate, settled: dict[str, ObjectInfo]) -> JobTicket | None:
         """Hash the candidate's files into a ticket; None while a referenced image is absent."""
         spec_raw = self._read_small(candidate.spec_key) if candidate.spec_key else None
@@ -143,12 +164,12 @@ class Watcher:
         if image_key is None:
             reference = peek.get("image")
             if not isinstance(reference, str):
-                return None  # a JSON waiting for its image
+                return self._waiting_for_image(candidate, None)
             image_key = resolve_reference(candidate.spec_key or "", reference)
             if image_key is None:
                 ref_error = f"'image' reference {reference!r} escapes the inbox"
             elif image_key not in settled:
-                return None  # referenced image not there (yet)
+                return self._waiting_for_image(candidate, image_key)
         image_sha = self._hash(settled[image_key]) if image_key else None
         spec_sha = hashlib.sha256(spec_raw).hexdigest() if spec_raw is not None else None
         defaults = [(key, self._hash(settled[key])) for key in candidate.defaults_keys]

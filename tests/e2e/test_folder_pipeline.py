@@ -19,6 +19,7 @@ from tests.helpers import (
     png_claiming_size,
     tree_digest,
     wait_for,
+    wait_for_scans,
 )
 
 
@@ -149,6 +150,34 @@ def test_bad_inputs_get_specific_error_files_and_a_fix_gives_the_video(start_wat
     assert probe_mp4(outbox / "wrong-type.mp4").frames == 8
 
 
+def test_a_half_drop_is_reported_after_the_orphan_time_and_completing_it_gives_the_video(
+        start_watcher, tmp_path: Path) -> None:
+    """An image without its JSON, a JSON without its image, a JSON naming an image that is not there:
+    each gets an error file saying what is missing (not silence), and dropping the rest makes the video."""
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    drop(inbox, "lonely", None, png_bytes(color=(10, 120, 10)))
+    drop(inbox, "lost", {"prompt": "p", **FAST_SPEC})
+    drop(inbox, "pointer", {"prompt": "p", "image": "nowhere.png", **FAST_SPEC})
+    before = tree_digest(inbox)
+    start_watcher(inbox, outbox, orphan_seconds=3.0)
+
+    expected = {"lonely": ("missing_spec", "spec", "lonely.png: no lonely.json beside it"),
+                "lost": ("missing_image", "image", "lost.json: no image beside it"),
+                "pointer": ("missing_image", "image", 'pointer.json: its "image" names nowhere.png')}
+    for stem, (error, field, words) in expected.items():
+        path = outbox / f"{stem}.error.json"
+        report = wait_for(lambda path=path: path.exists() and json.loads(path.read_text()), timeout=120,
+                          what=f"error file for {stem}")
+        assert (report["error"], report["problems"][0]["field"]) == (error, field), report
+        assert words in report["message"] and "when it arrives" in report["problems"][0]["fix"], report
+    assert tree_digest(inbox) == before, "a half drop is reported, never touched"
+
+    drop(inbox, "lonely", {"prompt": "p", **FAST_SPEC})  # the user adds the missing JSON
+    wait_for((outbox / "lonely.json").exists, what="the video once the JSON arrives")
+    wait_for(lambda: not (outbox / "lonely.error.json").exists(), what="the missing_spec report removed")
+    assert probe_mp4(outbox / "lonely.mp4").frames == 8
+
+
 def test_restart_and_second_watcher_create_no_second_run(start_watcher, tmp_path: Path) -> None:
     inbox, outbox, state = tmp_path / "inbox", tmp_path / "outbox", tmp_path / "state"
     drop(inbox, "lamp", {"prompt": "light flickers", **FAST_SPEC}, png_bytes(color=(9, 9, 200)))
@@ -158,10 +187,10 @@ def test_restart_and_second_watcher_create_no_second_run(start_watcher, tmp_path
 
     # A restart on the same ledger, a second watcher with its own ledger, and a duplicate
     # watchdog storm (touching nothing but re-writing identical bytes elsewhere).
-    start_watcher(inbox, outbox, state)
-    start_watcher(inbox, outbox, tmp_path / "other-state")
+    restarted = start_watcher(inbox, outbox, state)
+    second = start_watcher(inbox, outbox, tmp_path / "other-state")
     (inbox / "unrelated.txt").write_text("noise")
-    time.sleep(6)
+    wait_for_scans(restarted.watcher, second.watcher)  # each has seen the settled pair and acted on it
     runs = flow_runs_named([f"lamp-{sidecar['job_id'][:6]}"])
     assert len(runs) == 1, [r.id for r in runs]
     assert json.loads((outbox / "lamp.json").read_text())["prefect"]["flow_run_id"] == str(runs[0].id)

@@ -61,6 +61,18 @@ def test_lonely_image_waits_unless_defaults_apply() -> None:
     assert [(c.stem, c.defaults_keys) for c in found] == [("shoes/red", ("shoes/_defaults.json",))]
 
 
+def test_a_lonely_image_past_the_orphan_time_is_a_candidate_marked_missing_its_spec() -> None:
+    settled = {k: _info(k) for k in ("shoe.png", "shoes/_defaults.json", "shoes/red.png")}
+    ages = dict.fromkeys(settled, 30.0)
+    assert pair(settled, set(), ages, grace_seconds=1.0, orphan_seconds=60.0) == [
+        c for c in pair(settled, set(), ages, grace_seconds=1.0) if c.stem == "shoes/red"]  # not yet
+    ages["shoe.png"] = 61.0
+    found = {c.stem: c for c in pair(settled, set(), ages, grace_seconds=1.0, orphan_seconds=60.0)}
+    assert (found["shoe"].missing, found["shoe"].spec_key, found["shoe"].image_key) == ("spec", None, "shoe.png")
+    assert found["shoes/red"].missing is None  # its _defaults.json makes it a job
+    assert [c.stem for c in pair(settled, set(), {k: 1e9 for k in settled}, 1.0)] == ["shoes/red"]  # no orphan time
+
+
 def test_image_with_defaults_waits_a_grace_period_for_its_json() -> None:
     assert _pair(["_defaults.json", "red.png"], settled_for=0.2) == []
     assert len(_pair(["_defaults.json", "red.png"], settled_for=2.0)) == 1
