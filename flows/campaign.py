@@ -33,7 +33,6 @@ from prefect.events import emit_event
 from prefect.futures import PrefectFuture
 from prefect.states import Completed, Failed, State
 
-from flows.generate import build_sidecar, render_failure_report
 from infra.campaign import (
     CampaignSpec,
     CampaignSpecError,
@@ -49,8 +48,8 @@ from infra.spec import BadInputError
 from infra.store import open_store
 from tasks.campaign import contact_sheet, local_path, plan, write_report
 from tasks.inputs import InputChangedError, PreparedJob, load_inputs
-from tasks.publish import publish_video, write_error_report
-from tasks.render import await_render, render_video
+from tasks.publish import build_sidecar, publish_video, write_error_report
+from tasks.render import await_render, render_failure_report, render_video
 
 log = structlog.get_logger("i2vflow.campaign")
 

@@ -8,21 +8,26 @@ validate the inputs, render and encode on the warm GPU worker, publish.
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 import structlog
-from prefect import flow, runtime, tags
+from prefect import flow, tags
 from prefect.states import Cancelled, Completed, Failed, State
-from prefect.utilities.urls import url_for
 
 from infra.jobs import JobTicket
 from infra.logging import configure_logging
 from infra.settings import get_settings
-from infra.spec import BadInputError, ErrorReport, FieldProblem
+from infra.spec import BadInputError
 from tasks.inputs import InputChangedError, PreparedJob, load_inputs
-from tasks.publish import i2vflow_version, publish_video, write_error_report
-from tasks.render import OrphanedRender, RenderedVideo, RenderFailed, await_render, render_video
+from tasks.publish import build_sidecar, publish_video, write_error_report
+from tasks.render import (
+    OrphanedRender,
+    RenderedVideo,
+    RenderFailed,
+    await_render,
+    render_failure_report,
+    render_video,
+)
 
 
 @flow(name="generate-video", log_prints=False, retries=0)
@@ -73,47 +78,6 @@ def _timed(timings: dict[str, float], name: str, fn: Any, *args: Any, **kwargs: 
         return fn(*args, **kwargs)
     finally:
         timings[name] = round(time.perf_counter() - start, 3)
-
-
-def render_failure_report(exc: RenderFailed) -> ErrorReport:
-    problem = FieldProblem(field=None, problem=f"rendering failed: {type(exc).__name__}: {exc}"[:2000],
-                           fix="smaller width/height or num_frames help with out-of-memory errors; "
-                           "otherwise ask the operator (the run's logs in the Prefect UI say more)")
-    return ErrorReport(error="render_failed", message=problem.problem, problems=[problem])
-
-
-def build_sidecar(ticket: JobTicket, job: PreparedJob, rendered: RenderedVideo,
-                  timings: dict[str, float]) -> dict[str, Any]:
-    from infra.engine.registry import NOISE_WARNING
-
-    engine, video = rendered.engine, rendered.video
-    return {
-        "i2vflow_version": i2vflow_version(),
-        "job_id": ticket.job_id,
-        "created_at": datetime.now(UTC).isoformat(),
-        "inputs": {
-            "image": {"key": ticket.image_key, "sha256": job.image_sha256},
-            "spec": {"key": ticket.spec_key, "sha256": job.spec_sha256},
-            "defaults": list(ticket.defaults_keys),
-            "inbox": ticket.inbox,
-        },
-        "spec": job.spec.model_dump(),
-        "model": {
-            "name": engine["model_name"], "source": engine["model_source"],
-            "is_noise": engine["is_noise"], "warning": NOISE_WARNING if engine["is_noise"] else None,
-        },
-        "seed": job.seed, "frames": video.frames, "fps": job.spec.fps,
-        "width": video.width, "height": video.height,
-        "timings_seconds": {**timings, "model_load": engine["load_seconds"],
-                            "render_on_model": engine["render_seconds"],
-                            "encode_on_gpu_worker": engine["encode_seconds"],
-                            "waiting_for_gpu": engine["wait_seconds"]},
-        "engine": {k: engine[k] for k in ("device", "dtype", "memory_mode", "pid", "model_loads_in_process",
-                                          "oom_fallback_used", "speed", "steps_run")},
-        # url_for gives the UI's current /runs/flow-run/<id> path (runtime.flow_run.ui_url is stale).
-        "prefect": {"flow_run_id": runtime.flow_run.id,
-                    "flow_run_url": url_for("flow-run", obj_id=runtime.flow_run.id)},
-    }
 
 
 if __name__ == "__main__":

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from prefect import runtime, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.utilities.urls import url_for
 
 from infra.engine.video import EncodedVideo
 from infra.jobs import JobTicket
@@ -22,6 +24,10 @@ from infra.orchestrator import emit_job_event
 from infra.settings import get_settings
 from infra.spec import ErrorReport, error_file_bytes
 from infra.store import open_store
+
+if TYPE_CHECKING:  # types only: the GPU worker's and the flow's imports stay their own
+    from tasks.inputs import PreparedJob
+    from tasks.render import RenderedVideo
 
 log = structlog.get_logger("i2vflow.publish")
 
@@ -38,6 +44,40 @@ def i2vflow_version() -> str:
 def _artifact_key(ticket: JobTicket, kind: str) -> str:
     slug = re.sub(r"[^a-z0-9-]+", "-", ticket.stem.lower()).strip("-")[:40] or "job"
     return f"{kind}-{slug}-{ticket.short_id}"
+
+
+def build_sidecar(ticket: JobTicket, job: PreparedJob, rendered: RenderedVideo,
+                  timings: dict[str, float]) -> dict[str, Any]:
+    from infra.engine.registry import NOISE_WARNING
+
+    engine, video = rendered.engine, rendered.video
+    return {
+        "i2vflow_version": i2vflow_version(),
+        "job_id": ticket.job_id,
+        "created_at": datetime.now(UTC).isoformat(),
+        "inputs": {
+            "image": {"key": ticket.image_key, "sha256": job.image_sha256},
+            "spec": {"key": ticket.spec_key, "sha256": job.spec_sha256},
+            "defaults": list(ticket.defaults_keys),
+            "inbox": ticket.inbox,
+        },
+        "spec": job.spec.model_dump(),
+        "model": {
+            "name": engine["model_name"], "source": engine["model_source"],
+            "is_noise": engine["is_noise"], "warning": NOISE_WARNING if engine["is_noise"] else None,
+        },
+        "seed": job.seed, "frames": video.frames, "fps": job.spec.fps,
+        "width": video.width, "height": video.height,
+        "timings_seconds": {**timings, "model_load": engine["load_seconds"],
+                            "render_on_model": engine["render_seconds"],
+                            "encode_on_gpu_worker": engine["encode_seconds"],
+                            "waiting_for_gpu": engine["wait_seconds"]},
+        "engine": {k: engine[k] for k in ("device", "dtype", "memory_mode", "pid", "model_loads_in_process",
+                                          "oom_fallback_used", "speed", "steps_run")},
+        # url_for gives the UI's current /runs/flow-run/<id> path (runtime.flow_run.ui_url is stale).
+        "prefect": {"flow_run_id": runtime.flow_run.id,
+                    "flow_run_url": url_for("flow-run", obj_id=runtime.flow_run.id)},
+    }
 
 
 @task(name="publish-video", retries=3, retry_delay_seconds=[2, 10, 30])

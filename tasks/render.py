@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict
 
 from infra import metrics
 from infra.engine.video import EncodedVideo, encode_mp4_bytes
+from infra.spec import ErrorReport, FieldProblem
 from tasks.inputs import PreparedJob
 
 GPU_TAG = "gpu"
@@ -39,6 +40,13 @@ class RenderFailed(ValueError):
     """The model could not render this job (out of memory after the fallback, or inputs it
     refuses). Final: retrying the same job on the same worker cannot help, so no retries;
     the flow turns it into the job's error report."""
+
+
+def render_failure_report(exc: RenderFailed) -> ErrorReport:
+    problem = FieldProblem(field=None, problem=f"rendering failed: {type(exc).__name__}: {exc}"[:2000],
+                           fix="smaller width/height or num_frames help with out-of-memory errors; "
+                           "otherwise ask the operator (the run's logs in the Prefect UI say more)")
+    return ErrorReport(error="render_failed", message=problem.problem, problems=[problem])
 
 
 class OrphanedRender(RuntimeError):
