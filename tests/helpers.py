@@ -84,3 +84,11 @@ def render_task_run(flow_run_id: Any) -> Any:
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
     return max((run for run in runs if run.name.startswith("render-video")), key=lambda run: run.created)
+
+
+def wait_for_scans(*watchers: Any, count: int = 3, timeout: float = 90) -> None:
+    """Wait until each watcher has completed ``count`` more looks at its inbox: only then does
+    "no second run" say anything (a watcher that has not looked yet submits nothing either)."""
+    targets = [(watcher, watcher.scans + count) for watcher in watchers]
+    wait_for(lambda: all(watcher.scans >= target for watcher, target in targets), timeout=timeout,
+             interval=0.1, what=f"{count} completed looks of each watcher")

@@ -25,7 +25,7 @@ from minio import Minio
 from infra.engine.video import probe_mp4
 from infra.watch.bucket import ListenHints
 from infra.watch.webhook import WebhookServer
-from tests.helpers import FAST_SPEC, flow_runs_named, png_bytes, wait_for
+from tests.helpers import FAST_SPEC, flow_runs_named, png_bytes, wait_for, wait_for_scans
 from tests.s3server import S3Server, _remove_bucket
 
 TOKEN = "e2e-webhook-token"
@@ -213,10 +213,10 @@ def test_restart_and_second_watcher_create_no_second_run(watch_bucket, s3_bucket
     lamp = sidecar(client, bucket, "outbox/lamp.json")
     first.stop()
 
-    watch_bucket(inbox, outbox, tmp_path / "state")  # restart on the same ledger
-    watch_bucket(inbox, outbox, tmp_path / "other-state")  # another host's watcher, own ledger
+    restarted = watch_bucket(inbox, outbox, tmp_path / "state")  # restart on the same ledger
+    second = watch_bucket(inbox, outbox, tmp_path / "other-state")  # another host's watcher, own ledger
     put(client, bucket, "inbox/unrelated.txt", b"noise")
-    time.sleep(5)
+    wait_for_scans(restarted.watcher, second.watcher)  # each has seen the settled pair and acted on it
     runs = flow_runs_named([f"lamp-{lamp['job_id'][:6]}"])
     assert len(runs) == 1, [r.id for r in runs]
     assert lamp["prefect"]["flow_run_id"] == str(runs[0].id)

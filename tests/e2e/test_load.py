@@ -16,7 +16,7 @@ import pytest
 
 from benchmarks.bench_load import drop_all
 from infra.service import PROJECT_ROOT
-from tests.helpers import drop, flow_runs_named, png_bytes, wait_for
+from tests.helpers import drop, flow_runs_named, png_bytes, wait_for, wait_for_scans
 
 JOBS = 60
 BUCKET_JOBS = 30
@@ -47,8 +47,8 @@ def test_a_flood_of_drops_gives_exactly_one_run_per_job(start_watcher, idle_depl
     print(f"{JOBS} jobs: last drop -> last run created {time.monotonic() - last_drop:.1f} s")
     records = first.watcher.ledger.in_state("submitted")
     first.stop()
-    start_watcher(inbox, outbox, state, deployment=idle_deployment)  # restart on the same ledger
-    time.sleep(4)
+    restarted = start_watcher(inbox, outbox, state, deployment=idle_deployment)  # restart on the same ledger
+    wait_for_scans(restarted.watcher)
     names = [f"{index:03d}-{r.ticket.job_id[:6]}" for index, r in
              sorted((int(r.ticket.stem.rsplit("/", 1)[1]), r) for r in records)]
     runs = flow_runs_named(names)

@@ -3,8 +3,6 @@ that has them; a missing bucket is reported, never created."""
 
 from __future__ import annotations
 
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -109,45 +107,26 @@ def test_settings_credentials_win_over_env(s3_server: S3Server, monkeypatch: pyt
     assert s3_credentials(settings_for(s3_server)) == (s3_server.access_key, s3_server.secret_key)
 
 
-def fake_secret_module(monkeypatch: pytest.MonkeyPatch, values: dict[str, str]) -> list[str]:
-    """Stand in for prefect.blocks.system so no Prefect API is needed; records loads."""
-    loaded: list[str] = []
+def save_secret_block(name: str, value: str) -> None:
+    """A real Prefect Secret block on the session's server, as an operator would save one."""
+    from prefect.blocks.system import Secret
 
-    class Secret:
-        def __init__(self, value: str) -> None:
-            self._value = value
-
-        @classmethod
-        def load(cls, name: str) -> Secret:
-            loaded.append(name)
-            if name not in values:
-                raise ValueError(f"Unable to find block document named {name}")
-            return cls(values[name])
-
-        def get(self) -> str:
-            return self._value
-
-    module = types.ModuleType("prefect.blocks.system")
-    module.Secret = Secret  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "prefect.blocks.system", module)
-    return loaded
+    Secret(value=value).save(name, overwrite=True)
 
 
-def test_secret_block_is_the_last_resort_and_loaded_lazily(
-    s3_server: S3Server, s3_bucket, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_secret_block_is_the_last_resort_and_loaded_lazily(prefect_api: str, s3_server: S3Server, s3_bucket) -> None:
     _, bucket = s3_bucket
-    loaded = fake_secret_module(monkeypatch, {"s3-creds": "blockkey:block:secret"})
-    s3_credentials(settings_for(s3_server, s3_secret_block="s3-creds"))
-    assert loaded == []  # settings had keys: the block was never touched
+    # Settings hold keys: a block name that exists nowhere is never looked up (looking it up would fail).
+    assert s3_credentials(settings_for(s3_server, s3_secret_block="never-saved")) == (
+        s3_server.access_key, s3_server.secret_key)
+    save_secret_block("s3-creds", "blockkey:block:secret")  # a secret may hold a colon itself
     settings = settings_for(s3_server, s3_access_key=None, s3_secret_key=None, s3_secret_block="s3-creds")
     assert s3_credentials(settings) == ("blockkey", "block:secret")
-    assert loaded == ["s3-creds"]
-    open_store(f"s3://{bucket}/p", settings).write("k", b"v")
+    open_store(f"s3://{bucket}/p", settings).write("k", b"v")  # the store opens with the block's keys
 
 
-def test_bad_or_missing_secret_block(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
-    fake_secret_module(monkeypatch, {"no-colon": "justonestring"})
+def test_bad_or_missing_secret_block(prefect_api: str, s3_server: S3Server) -> None:
+    save_secret_block("no-colon", "justonestring")
     for name, match in [("no-colon", "ACCESS:SECRET"), ("absent", "cannot load")]:
         settings = settings_for(s3_server, s3_access_key=None, s3_secret_key=None, s3_secret_block=name)
         with pytest.raises(StoreError, match=match) as caught:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-import time
+import tracemalloc
 import urllib.request
 from pathlib import Path
 
@@ -191,10 +191,14 @@ def test_read_checks_size_before_reading(root: Path) -> None:
     huge = root / "huge.png"
     with huge.open("wb") as f:
         f.truncate(8 * 1024**3)  # sparse: costs nothing on disk, but reading it would
-    started = time.monotonic()
-    with pytest.raises(StoreError, match=f"is {8 * 1024**3} bytes"):
-        FolderStore(root).read("huge.png", max_bytes=1024)
-    assert time.monotonic() - started < 1.0
+    tracemalloc.start()
+    try:
+        with pytest.raises(StoreError, match=f"is {8 * 1024**3} bytes"):
+            FolderStore(root).read("huge.png", max_bytes=1024)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1024**2, f"{peak} bytes allocated: the file was read before its size was checked"
 
 
 def test_directory_is_not_an_object(root: Path) -> None:

@@ -210,10 +210,9 @@ def test_a_minio_event_makes_the_watcher_list_at_once(slow_polling_watcher, s3_b
         _put_job(client, bucket, "red shoe+1")
         time.sleep(1.0)
         assert recorder.calls == [], "no event, no listing before the poll interval"
-        started = time.monotonic()
         assert post(hook, minio_event(bucket, "inbox%2Fred+shoe%2B1.png"), BEARER)[1]["woke"] is True
-        wait_for(lambda: recorder.calls, timeout=10, interval=0.05, what="submission after the event")
-        assert time.monotonic() - started < 5
+        # Well inside the 120 s listing interval: the event woke the watcher.
+        wait_for(lambda: recorder.calls, timeout=60, interval=0.05, what="submission after the event")
         assert [t.image_key for t in recorder.calls] == ["red shoe+1.png"]
     finally:
         hook.stop()
@@ -222,11 +221,11 @@ def test_a_minio_event_makes_the_watcher_list_at_once(slow_polling_watcher, s3_b
 def test_moto_s3_events_through_sns_reach_the_webhook_end_to_end(
         slow_polling_watcher, s3_server: S3Server, s3_bucket) -> None:
     """put_object -> moto S3 notification -> SNS topic -> HTTP subscription -> webhook -> scan.
-    The created events vouch for the objects: the pair goes out at the first look, well within
-    the 3 s settle period that two looks would take."""
+    The created events vouch for the objects: the pair goes out at the first look, not after the
+    10-minute settle period that two looks would take here."""
     client, bucket = s3_bucket
     recorder = Recorder()
-    watcher = slow_polling_watcher(recorder, settle_seconds=3.0)
+    watcher = slow_polling_watcher(recorder, settle_seconds=600.0)
     vouched: list[str] = []
     hook = WebhookServer(watcher.wake, TOKEN, bucket=bucket, prefix="inbox/",
                          on_written=lambda key: (vouched.append(key), watcher.vouch(key))).start()
@@ -240,10 +239,8 @@ def test_moto_s3_events_through_sns_reach_the_webhook_end_to_end(
                        prefix_filter_rule=PrefixFilterRule("inbox/"))
     client.set_bucket_notification(bucket, NotificationConfig(topic_config_list=[rule]))
     try:
-        started = time.monotonic()
         _put_job(client, bucket, "lamp ünï")
-        wait_for(lambda: recorder.calls, timeout=10, interval=0.05, what="submission after the SNS event")
-        assert time.monotonic() - started < 2.5, "waited a settle period for objects the events vouched for"
+        wait_for(lambda: recorder.calls, timeout=60, interval=0.05, what="submission after the SNS event")
         assert hook.stats.wakes >= 1 and hook.stats.unauthorized == 0
         assert [t.image_key for t in recorder.calls] == ["lamp ünï.png"]
         assert sorted(vouched) == ["lamp ünï.json", "lamp ünï.png"], "decoded keys, relative to the prefix"
