@@ -36,6 +36,7 @@ from prefect.states import Completed, Failed, State
 from infra.campaign import (
     CampaignSpec,
     CampaignSpecError,
+    Plan,
     PlanItem,
     item_ticket,
     load_campaign_spec,
@@ -112,6 +113,21 @@ def run_campaign(
     )
     log.info("campaign.started", campaign=campaign.name, slot=slot, items=len(the_plan.items), todo=len(todo))
     # 3. Render, at most `in_flight` queued at the GPU worker.
+    results, wall = _render(the_plan, todo, campaign, slot, inbox, outbox, key)
+    # 4. Report.
+    summary = _report(the_plan, results, campaign, slot, outbox, key, wall)
+    counts = summary["counts"]
+    _emit("finished", campaign, slot, counts=counts, seconds=wall, contact_sheet=summary["contact_sheet"])
+    log.info("campaign.finished", campaign=campaign.name, slot=slot, counts=counts, seconds=wall)
+    message = f"{campaign.name} {slot}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    return Failed(message=message, data=summary) if counts.get("failed") else Completed(message=message, data=summary)
+
+
+def _render(the_plan: Plan, todo: list[PlanItem], campaign: CampaignSpec, slot: str, inbox: str, outbox: str,
+            key: str) -> tuple[dict[str, dict[str, Any]], float]:
+    """Each item of ``todo`` through load-inputs, render, publish, with at most ``in_flight``
+    renders queued at the GPU worker; a row per item of the plan, and the wall time."""
+    settings = get_settings()
     started = time.perf_counter()
     progress_id = create_progress_artifact(
         progress=_percent(0, len(todo)),
@@ -126,27 +142,30 @@ def run_campaign(
     inbox_store = open_store(inbox, settings)
     finished = 0
 
-    def finish_oldest() -> None:
+    def done(item: PlanItem, row: dict[str, Any]) -> None:
         nonlocal finished
-        entry = window.popleft()
-        results[entry.item.output_stem] = _finish(entry, campaign, slot, settings.render_timeout_seconds)
+        results[item.output_stem] = row
         finished += 1
         update_progress_artifact(progress_id, _percent(finished, len(todo)))
 
     for item in todo:
         while len(window) >= campaign.in_flight:
-            finish_oldest()
+            oldest = window.popleft()
+            done(oldest.item, _finish(oldest, campaign, slot, settings.render_timeout_seconds))
         entry = _start(item, campaign, slot, inbox_store, inbox, outbox, hashes)
         if isinstance(entry, dict):
-            results[item.output_stem] = entry
-            finished += 1
-            update_progress_artifact(progress_id, _percent(finished, len(todo)))
+            done(item, entry)
         else:
             window.append(entry)
     while window:
-        finish_oldest()
-    wall = round(time.perf_counter() - started, 2)
-    # 4. Report.
+        oldest = window.popleft()
+        done(oldest.item, _finish(oldest, campaign, slot, settings.render_timeout_seconds))
+    return results, round(time.perf_counter() - started, 2)
+
+
+def _report(the_plan: Plan, results: dict[str, dict[str, Any]], campaign: CampaignSpec, slot: str,
+            outbox: str, key: str, wall: float) -> dict[str, Any]:
+    """campaign.json, the contact sheet and the run's artifacts; returns the summary."""
     rows = [results.get(i.output_stem) or _row(i, "not this run", None) for i in the_plan.items]
     sheet = contact_sheet(
         outbox,
@@ -187,11 +206,7 @@ def run_campaign(
             + (f"\n\nContact sheet: `{where or sheet}`" if sheet else "")
         ),
     )
-    _emit("finished", campaign, slot, counts=counts, seconds=wall, contact_sheet=sheet)
-    log.info("campaign.finished", campaign=campaign.name, slot=slot, counts=counts, seconds=wall)
-    failed = counts.get("failed", 0)
-    message = f"{campaign.name} {slot}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-    return Failed(message=message, data=summary) if failed else Completed(message=message, data=summary)
+    return summary
 
 
 def _read_spec(spec_path: str | None, spec: dict[str, Any] | None) -> CampaignSpec:
