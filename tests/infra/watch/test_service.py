@@ -41,7 +41,9 @@ class Recorder:
 
 @pytest.fixture
 def make_watcher(tmp_path: Path):
+    """``make_watcher(inbox, recorder, ...)`` starts a watcher thread; ``make_watcher.stop(w)`` stops one."""
     stops: list[tuple[threading.Event, threading.Thread, object]] = []
+    running: dict[int, tuple[threading.Event, threading.Thread, object]] = {}
 
     def make(inbox: Path, recorder: Recorder, state: Path | None = None, close_events: bool = True,
              **overrides: float) -> Watcher:
@@ -57,8 +59,18 @@ def make_watcher(tmp_path: Path):
         thread = threading.Thread(target=watcher.run, args=(stop,), daemon=True)
         thread.start()
         stops.append((stop, thread, observer))
+        running[id(watcher)] = (stop, thread, observer)
         return watcher
 
+    def stop_watcher(watcher: Watcher) -> None:
+        stop, thread, observer = running.pop(id(watcher))
+        stop.set()
+        watcher.wake.set()  # it may be sleeping on its hints
+        thread.join(10)
+        observer.stop()
+        assert not thread.is_alive(), "the watcher did not stop"
+
+    make.stop = stop_watcher  # type: ignore[attr-defined]
     yield make
     for stop, thread, observer in stops:
         stop.set()
@@ -194,6 +206,7 @@ def test_server_down_loses_nothing_and_restart_does_not_resubmit(make_watcher, t
     wait_for(lambda: watcher.ledger.counts().get("detected") == 3, timeout=20, what="3 detected")
     recorder.down = False
     wait_for(lambda: len(recorder.calls) == 3, timeout=30, what="3 submissions after recovery")
+    make_watcher.stop(watcher)
     again = Recorder()
     restarted = make_watcher(inbox, again, state=tmp_path / "st")  # a restart on the same ledger
     wait_for_scans(restarted)
