@@ -135,6 +135,11 @@ def check_options(options: EngineOptions) -> None:
         raise ValueError(f"`gpu_memory_gb` must be None or > 0 but is {options.gpu_memory_gb}")
 
 
+# EngineOptions fields where None means "the preset's".
+_PRESET_OVERRIDABLE = ("compile", "fuse_qkv", "channels_last", "cudnn_benchmark", "compile_vae", "short_attention",
+                       "channels_last_group_norm", "aot", "host_timesteps")
+
+
 def resolve_plan(options: EngineOptions, device: str, memory_mode: str) -> SpeedPlan:
     """Preset first, then each lever the options set explicitly; then what cannot apply.
 
@@ -144,30 +149,22 @@ def resolve_plan(options: EngineOptions, device: str, memory_mode: str) -> Speed
     preset = options.preset
     if preset == "auto":
         preset = "fast" if device.startswith("cuda") else "stock"
-    plan = PRESETS[preset]
-    overrides: dict[str, Any] = {}
-    if options.compile is not None:
-        overrides["compile"] = options.compile
-    if options.fuse_qkv is not None:
-        overrides["fuse_qkv"] = options.fuse_qkv
-    if options.channels_last is not None:
-        overrides["channels_last"] = options.channels_last
+    overrides: dict[str, Any] = {
+        name: getattr(options, name) for name in _PRESET_OVERRIDABLE if getattr(options, name) is not None}
     if options.attention != "auto":
         overrides["attention"] = options.attention
-    if options.cudnn_benchmark is not None:
-        overrides["cudnn_benchmark"] = options.cudnn_benchmark
-    if options.compile_vae is not None:
-        overrides["compile_vae"] = options.compile_vae
-    if options.short_attention is not None:
-        overrides["short_attention"] = options.short_attention
-    if options.channels_last_group_norm is not None:
-        overrides["channels_last_group_norm"] = options.channels_last_group_norm
-    if options.aot is not None:
-        overrides["aot"] = options.aot
-    if options.host_timesteps is not None:
-        overrides["host_timesteps"] = options.host_timesteps
-    plan = replace(plan, **overrides, compile_scope=options.compile_scope, fp8_linear=options.fp8_linear,
+    plan = replace(PRESETS[preset], **overrides, compile_scope=options.compile_scope, fp8_linear=options.fp8_linear,
                    scheduler=options.scheduler, max_steps=options.max_steps)
+    plan, skipped = _without_what_cannot_apply(plan, device, memory_mode)
+    if plan.compile == "off":
+        plan = replace(plan, compile_scope="model")
+    else:
+        plan = replace(plan, compile_cache_dir=str(compile_cache_dir(options.compile_cache_dir)))
+    return replace(plan, skipped=tuple(skipped))
+
+
+def _without_what_cannot_apply(plan: SpeedPlan, device: str, memory_mode: str) -> tuple[SpeedPlan, list[str]]:
+    """Turn off each lever this device, memory mode or another lever rules out, saying why."""
     skipped: list[str] = []
     if plan.compile != "off" and memory_mode == "offload":
         skipped.append(f"compile={plan.compile} (memory_mode=offload moves the UNet)")
@@ -207,11 +204,7 @@ def resolve_plan(options: EngineOptions, device: str, memory_mode: str) -> Speed
     if plan.fp8_linear and not fp8.fp8_supported(device):
         skipped.append("fp8_linear (needs a CUDA GPU of compute capability 8.9 or newer)")
         plan = replace(plan, fp8_linear=False)
-    if plan.compile == "off":
-        plan = replace(plan, compile_scope="model")
-    else:
-        plan = replace(plan, compile_cache_dir=str(compile_cache_dir(options.compile_cache_dir)))
-    return replace(plan, skipped=tuple(skipped))
+    return plan, skipped
 
 
 def compile_cache_dir(configured: str | None) -> Path:
