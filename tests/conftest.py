@@ -153,3 +153,10 @@ def start_watcher(service: Service, tmp_path: Path) -> Iterator[object]:
     for handle in running:
         if not handle.stop_event.is_set():
             handle.stop()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Everything under tests/e2e runs the whole service: `-m "not e2e"` gives a quicker loop."""
+    for item in items:
+        if "e2e" in item.path.parts:
+            item.add_marker(pytest.mark.e2e)
