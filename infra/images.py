@@ -11,15 +11,14 @@ import warnings
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from infra.spec import BadInputError, ErrorReport, FieldProblem
+from infra.spec import BadInputError, bad_input
 
 ALLOWED_FORMATS = {"PNG", "JPEG", "WEBP"}
 MIN_SIDE = 16
 
 
 def _bad(key: str, problem: str, fix: str) -> BadInputError:
-    item = FieldProblem(field="image", problem=f"{key}: {problem}", fix=fix)
-    return BadInputError(ErrorReport(error="invalid_image", message=item.problem, problems=[item]))
+    return bad_input("invalid_image", "image", f"{key}: {problem}", fix)
 
 
 def decode_image(raw: bytes, key: str, max_pixels: int) -> Image.Image:

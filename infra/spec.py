@@ -112,6 +112,12 @@ class BadInputError(ValueError):
         self.report = report
 
 
+def bad_input(error: str, field: str | None, problem: str, fix: str) -> BadInputError:
+    """A refusal with one problem: the report's message is that problem."""
+    return BadInputError(ErrorReport(error=error, message=problem,
+                                     problems=[FieldProblem(field=field, problem=problem, fix=fix)]))
+
+
 _FIXES: dict[str, str] = {
     "extra_forbidden": "remove it or correct its spelling; allowed keys: {allowed}",
     "missing": "add it; 'prompt' is a sentence describing the motion, e.g. "
@@ -178,8 +184,7 @@ def parse_json_object(raw: bytes, source: str) -> dict[str, Any]:
     """Parse a spec or defaults file into a dict, or raise BadInputError saying why."""
 
     def bad(message: str, fix: str) -> BadInputError:
-        problem = FieldProblem(field=None, problem=f"{source}: {message}", fix=fix)
-        return BadInputError(ErrorReport(error="invalid_json", message=problem.problem, problems=[problem]))
+        return bad_input("invalid_json", None, f"{source}: {message}", fix)
 
     try:
         text = raw.decode("utf-8-sig")
@@ -254,9 +259,7 @@ def validate_merged(merged: dict[str, Any], source: str,
             ErrorReport(error="invalid_spec", message=problems[0].problem, problems=problems)
         ) from None
     except ValueError as exc:
-        problem = FieldProblem(field="width/height/resolution", problem=f"{source}: {exc}", fix=size_fix)
-        raise BadInputError(ErrorReport(error="invalid_spec", message=problem.problem,
-                                        problems=[problem])) from None
+        raise bad_input("invalid_spec", "width/height/resolution", f"{source}: {exc}", size_fix) from None
     return spec
 
 

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict
 from infra.images import decode_image, upright_rgb
 from infra.jobs import IMAGE_SUFFIXES, JobTicket
 from infra.settings import get_settings
-from infra.spec import BadInputError, ErrorReport, FieldProblem, JobSpec, derive_seed, resolve_spec
+from infra.spec import BadInputError, JobSpec, bad_input, derive_seed, resolve_spec
 from infra.store import open_store
 from infra.store.base import Store
 
@@ -55,18 +55,16 @@ class InputChangedError(RuntimeError):
 
 
 def _unsafe_reference(ticket: JobTicket) -> BadInputError:
-    item = FieldProblem(field="image", problem=f"{ticket.spec_key or ticket.image_key}: {ticket.image_ref_error}",
-                        fix="use regular files inside the inbox with printable names; a JSON's \"image\" "
-                        "names a file in the same folder or below, e.g. \"image\": \"shoe.png\"")
-    return BadInputError(ErrorReport(error="unsafe_path", message=item.problem, problems=[item]))
+    return bad_input("unsafe_path", "image", f"{ticket.spec_key or ticket.image_key}: {ticket.image_ref_error}",
+                     "use regular files inside the inbox with printable names; a JSON's \"image\" "
+                     "names a file in the same folder or below, e.g. \"image\": \"shoe.png\"")
 
 
 def _missing_spec(ticket: JobTicket) -> BadInputError:
     name = f"{PurePosixPath(ticket.stem).name}.json"
-    item = FieldProblem(field="spec", problem=f"{ticket.image_key}: no {name} beside it and no _defaults.json above it",
-                        fix=f'drop {name} next to the image, e.g. {{"prompt": "product rotating slowly under studio '
-                        'light"}; the video is made when it arrives (this report is then removed)')
-    return BadInputError(ErrorReport(error="missing_spec", message=item.problem, problems=[item]))
+    return bad_input("missing_spec", "spec", f"{ticket.image_key}: no {name} beside it and no _defaults.json above it",
+                     f'drop {name} next to the image, e.g. {{"prompt": "product rotating slowly under studio '
+                     'light"}; the video is made when it arrives (this report is then removed)')
 
 
 def _missing_image(ticket: JobTicket) -> BadInputError:
@@ -74,20 +72,18 @@ def _missing_image(ticket: JobTicket) -> BadInputError:
         problem = f"{ticket.spec_key}: its \"image\" names {ticket.image_key}, which is not in the inbox"
     else:
         problem = f"{ticket.spec_key}: no image beside it ({', '.join(IMAGE_SUFFIXES)} of the same name)"
-    item = FieldProblem(field="image", problem=problem,
-                        fix="drop the image next to the JSON with the same name, or name it in \"image\"; the "
-                        "video is made when it arrives (this report is then removed)")
-    return BadInputError(ErrorReport(error="missing_image", message=item.problem, problems=[item]))
+    return bad_input("missing_image", "image", problem,
+                     "drop the image next to the JSON with the same name, or name it in \"image\"; the "
+                     "video is made when it arrives (this report is then removed)")
 
 
 def _model_not_offered(ticket: JobTicket, model: str, service_model: str, offered: list[str]) -> BadInputError:
     # Checked here, not on the GPU worker: a typo'd hub id would otherwise be fetched, fail, and retry.
     source = ticket.spec_key or ", ".join(ticket.defaults_keys)
     names = ", ".join(dict.fromkeys([service_model, *offered]))
-    item = FieldProblem(field="model", problem=f"{source}: model {model!r} is not one this service offers",
-                        fix=f'leave "model" out to use the service\'s model ({service_model}) or name one of: '
-                        f"{names} (the operator offers more with I2VFLOW_JOB_MODELS)")
-    return BadInputError(ErrorReport(error="unknown_model", message=item.problem, problems=[item]))
+    return bad_input("unknown_model", "model", f"{source}: model {model!r} is not one this service offers",
+                     f'leave "model" out to use the service\'s model ({service_model}) or name one of: '
+                     f"{names} (the operator offers more with I2VFLOW_JOB_MODELS)")
 
 
 # Store errors retry for about two minutes: an S3 server restarting must not lose the job.
@@ -139,9 +135,8 @@ def _read(store: Store, key: str, max_bytes: int, field: str) -> bytes:
     if info is None:
         raise InputChangedError(f"{key}: deleted after detection")
     if info.size > max_bytes:
-        item = FieldProblem(field=field, problem=f"{key}: {info.size:,} bytes, over the {max_bytes:,} byte limit",
-                            fix="a spec is a small JSON object; an image should be under the limit (resize it)")
-        raise BadInputError(ErrorReport(error=f"{field}_too_large", message=item.problem, problems=[item]))
+        raise bad_input(f"{field}_too_large", field, f"{key}: {info.size:,} bytes, over the {max_bytes:,} byte limit",
+                        "a spec is a small JSON object; an image should be under the limit (resize it)")
     return store.read(key)
 
 

@@ -130,10 +130,9 @@ class Watcher:
             return None
 
     def _refused(self, candidate: Candidate, why: str) -> JobTicket:
-        versions = [f"{o.key}:{o.size}:{o.version}" for o in candidate.objects]
         printable = "".join(c for c in candidate.stem if ord(c) >= 32 and ord(c) != 127) or "unnamed"
         return JobTicket(
-            job_id=make_job_id(self.route, candidate.stem, None, None, [("refused", "|".join(versions))]),
+            job_id=make_job_id(self.route, candidate.stem, None, None, [("refused", _versions(candidate))]),
             # The error report's name: control characters neither travel through Prefect nor display.
             stem=printable, inbox=self.inbox_location, outbox=self.outbox_location,
             image_key=candidate.image_key, spec_key=candidate.spec_key,
@@ -142,9 +141,8 @@ class Watcher:
 
     def _orphan(self, candidate: Candidate, missing: Literal["spec", "image"], image_key: str | None) -> JobTicket:
         """A ticket whose run only reports what is missing (its own job: the finished pair is another)."""
-        versions = "|".join(f"{o.key}:{o.size}:{o.version}" for o in candidate.objects)
         return JobTicket(
-            job_id=make_job_id(self.route, candidate.stem, None, None, [(f"missing {missing}", versions)]),
+            job_id=make_job_id(self.route, candidate.stem, None, None, [(f"missing {missing}", _versions(candidate))]),
             stem=candidate.stem, inbox=self.inbox_location, outbox=self.outbox_location, image_key=image_key,
             spec_key=candidate.spec_key, defaults_keys=candidate.defaults_keys, missing=missing,
         )
@@ -288,6 +286,11 @@ class Watcher:
 
     def _next_backoff(self) -> float:
         return min(60.0, max(1.0, self._backoff * 2))
+
+
+def _versions(candidate: Candidate) -> str:
+    """The exact object versions of a job unread: a refusal or an orphan report is about these."""
+    return "|".join(f"{o.key}:{o.size}:{o.version}" for o in candidate.objects)
 
 
 def _peek(raw: bytes | None) -> dict[str, object]:
