@@ -284,14 +284,26 @@ def _phases(run: Any, sidecar: dict[str, Any]) -> dict[str, float]:
     def gap(a: Any, b: Any) -> float:
         return round(b.timestamp() - a.timestamp(), 3)
 
+    pending = _state_time(run.id, "PENDING")
     return {
         "run_created_to_flow_start": gap(run.created, run.start_time),
+        "run_created_to_pending": gap(run.created, pending),  # a flow worker noticed and claimed it
+        "pending_to_flow_start": gap(pending, run.start_time),  # its process started, the engine began
         "flow_start_to_render_submitted": gap(run.start_time, render.created),
         "render_submitted_to_task_start": gap(render.created, render.start_time),
         "render_task_minus_render_and_encode": round(gap(render.start_time, render.end_time) - render_s - encode, 3),
         "render_task_end_to_video": round(sidecar["at"] - render.end_time.timestamp(), 3),
         "encode": encode,  # on the GPU worker, inside the render task
     }
+
+
+def _state_time(flow_run_id: Any, state_type: str) -> Any:
+    """When the flow run first entered ``state_type``, from its state history."""
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        states = client.read_flow_run_states(flow_run_id)
+    return min(state.timestamp for state in states if state.type.value == state_type)
 
 
 def _latency_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import prefect.context
 from prefect.settings import get_current_settings  # preloaded by the server, as the engine's imports are
 
 
@@ -27,6 +28,8 @@ def main(args: list[str]) -> int:
         "subprocess_rc": subprocess.run(["true"]).returncode,  # SIGCHLD as in a fresh interpreter
         "prefect_api_url": get_current_settings().api.url,
         "prefect_log_level": logging.getLevelName(logging.getLogger("prefect").getEffectiveLevel()),
+        # Prefect's root settings were built in the server, at import; a run may have its own.
+        "settings_rebuilt": get_current_settings() is not prefect.context.GLOBAL_SETTINGS_CONTEXT.settings,
     }), flush=True)
     print("to stderr", file=sys.stderr, flush=True)
     if "--wait" in args:

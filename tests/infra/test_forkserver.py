@@ -36,16 +36,17 @@ class Server:
                 "PREFECT_LOGGING_LEVEL": "DEBUG", **extra}
 
 
+SERVER_ENV = {**os.environ, "FORKSERVER_SERVER_ONLY": "server", "PREFECT_API_URL": "http://server.invalid/api",
+              "PREFECT_LOGGING_LEVEL": "ERROR"}
+
+
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[Server]:
     name = f"@i2vflow-test-{secrets.token_hex(4)}"
     log = tmp_path / "forkserver.log"
     with log.open("w") as out:
         process = subprocess.Popen([sys.executable, "-m", "infra.forkserver", "serve", name, TARGET],
-                                   cwd=PROJECT_ROOT, stdout=out, stderr=subprocess.STDOUT, text=True,
-                                   env={**os.environ, "FORKSERVER_SERVER_ONLY": "server",
-                                        "PREFECT_API_URL": "http://server.invalid/api",
-                                        "PREFECT_LOGGING_LEVEL": "ERROR"})
+                                   cwd=PROJECT_ROOT, stdout=out, stderr=subprocess.STDOUT, text=True, env=SERVER_ENV)
     wait_for(lambda: "listening" in log.read_text(), timeout=30, interval=0.05, what="the fork server")
     yield Server(name, process, log)
     process.terminate()
@@ -75,10 +76,36 @@ def test_a_run_is_a_fork_of_the_server_with_the_callers_args_env_cwd_and_stdio(s
     assert report["cwd"] == str(tmp_path)
     # Prefect read its settings from the server's environment at import; the run sees the caller's.
     assert (report["prefect_api_url"], report["prefect_log_level"]) == ("http://caller.invalid/api", "DEBUG")
+    assert report["settings_rebuilt"]
     assert report["subprocess_rc"] == 0
     assert "to stderr" in result.stderr
     log = server.log.read_text()
     assert f"forked {report['pid']} to run {TARGET}" in log and f"{report['pid']} exited 3" in log
+
+
+def _as_a_worker_passes_it(env: dict[str, str]) -> dict[str, str]:
+    """``env`` as Prefect's process worker hands it to a flow run: its own settings exported as
+    variables (normalised: "1.0", "False"), plus the run's ``PREFECT__`` ones."""
+    export = "import json; from prefect.settings import get_current_settings as s; " \
+             "print(json.dumps(s().to_environment_variables(exclude_unset=True)))"
+    exported = subprocess.run([sys.executable, "-c", export], env=env, cwd=PROJECT_ROOT, capture_output=True,
+                              text=True, check=True, timeout=60)
+    return {**env, **json.loads(exported.stdout), "PREFECT__FLOW_RUN_ID": "0d6f3a52-0000-4000-8000-000000000000"}
+
+
+def test_a_run_whose_prefect_environment_is_the_servers_keeps_the_servers_settings(server: Server,
+                                                                                    tmp_path: Path) -> None:
+    """Rebuilding Prefect's settings and logging cost ~0.09 s of every run's start; where the worker
+    runs with the server's environment (``i2vflow up``) they would come out the same."""
+    same = _as_a_worker_passes_it({**SERVER_ENV, forkserver.SOCKET_ENV: server.name})
+    report = json.loads(_call(same, PROJECT_ROOT).stdout.splitlines()[0])
+    assert report["ppid"] == server.process.pid and not report["settings_rebuilt"]
+    assert (report["prefect_api_url"], report["prefect_log_level"]) == ("http://server.invalid/api", "ERROR")
+    # Another working directory (its own prefect.toml or .env) or one Prefect variable more: rebuilt.
+    elsewhere = json.loads(_call(same, tmp_path).stdout.splitlines()[0])
+    assert elsewhere["settings_rebuilt"] and elsewhere["cwd"] == str(tmp_path)
+    debug = json.loads(_call({**same, "PREFECT_LOGGING_LEVEL": "DEBUG"}, PROJECT_ROOT).stdout.splitlines()[0])
+    assert debug["settings_rebuilt"] and debug["prefect_log_level"] == "DEBUG"
 
 
 def test_without_a_server_the_caller_runs_the_module_itself(tmp_path: Path) -> None:
