@@ -34,5 +34,9 @@ def test_bench_drop_runs_the_service_with_two_gpu_workers(tmp_path: Path) -> Non
     # Where a lone job's time went, from Prefect's own timestamps; the GPU's gaps in a flood.
     phases = report["jobs"][0]["phases_s"]
     assert phases["run_created_to_flow_start"] > 0 and phases["render_task_end_to_video"] > 0
+    # Split at the run's Pending state (claimed by the worker), which lies between the two.
+    assert phases["run_created_to_pending"] > 0 and phases["pending_to_flow_start"] > 0
+    split = phases["run_created_to_pending"] + phases["pending_to_flow_start"]
+    assert abs(split - phases["run_created_to_flow_start"]) <= 0.002
     assert len(one["gpu_gaps_s"]) == 1 and 0 < one["gpu_busy_share"] <= 1.05
     assert report["scaling_videos_per_hour"] > 0
