@@ -44,6 +44,12 @@ class RenderOutOfMemory(RuntimeError):
     """The GPU ran out of memory even after the fallback; the message says what to lower."""
 
 
+class ModelUnavailable(RuntimeError):
+    """This worker cannot load the model a request names (a name or folder it does not know,
+    options its device cannot run). The operator's to fix, not the job's: deliberately not a
+    ``ValueError``, which means a request the engine refuses."""
+
+
 @dataclass
 class RenderRequest:
     """What to render. Sizes are output pixels; ``model`` is a registry name, folder or hub id."""
@@ -200,8 +206,7 @@ class Engine:
         with self._lock:
             wait_seconds = time.perf_counter() - queued
             # 2. Get the model (loaded once per process and kept warm)
-            entry = resolve_model(request.model, self.model_cache)
-            loaded, load_seconds = self._get_model(entry)
+            entry, loaded, load_seconds = self._model_for(request.model)
             if entry.is_noise:
                 log.warning("model.noise_weights", model=entry.name, warning=NOISE_WARNING)
             start = time.perf_counter()
@@ -221,6 +226,14 @@ class Engine:
                     raise RenderOutOfMemory(out_of_memory_message(request, loaded))
             result = self._result(request, loaded, frames, load_seconds, start, fallback_used)
             return replace(result, wait_seconds=round(wait_seconds, 3))
+
+    def _model_for(self, model: str) -> tuple[ModelEntry, LoadedModel, float]:
+        """The request's model, warm; what this worker cannot load raises ``ModelUnavailable``."""
+        try:
+            entry = resolve_model(model, self.model_cache)
+            return (entry, *self._get_model(entry))
+        except ValueError as exc:
+            raise ModelUnavailable(f"this worker cannot load model {model!r}: {exc}") from exc
 
     def _attempt(self, loaded: LoadedModel, request: RenderRequest) -> np.ndarray | None:
         """Run steps 3-5 once; ``None`` means CUDA ran out of memory (already freed).

@@ -13,6 +13,7 @@ import torch
 
 from infra.engine.engine import (
     Engine,
+    ModelUnavailable,
     RenderOutOfMemory,
     RenderRequest,
     get_engine,
@@ -130,11 +131,16 @@ def test_check_inputs_names_the_field_and_range(
     assert model_loads_in_process() == before  # refused before touching a model
 
 
-def test_unknown_model_is_refused_with_the_registry_names(
-    engine: Engine, make_request: MakeRequest
+@pytest.mark.parametrize("model", ["tiny-xl", "/srv/models/not-synced-yet"])
+def test_a_model_this_worker_cannot_load_is_its_own_problem_not_the_requests(
+    engine: Engine, make_request: MakeRequest, model: str
 ) -> None:
-    with pytest.raises(ValueError, match="'tiny-xl'.*Registry names: i2vgen-xl, tiny"):
-        engine.render(make_request(model="tiny-xl"))
+    """Not a ValueError (a request the engine refuses, final for the job): the operator can fix
+    it, and the render task retries it as it retries missing weights."""
+    expected = f"cannot load model '{model}'.*Registry names: i2vgen-xl, tiny"
+    with pytest.raises(ModelUnavailable, match=expected) as caught:
+        engine.render(make_request(model=model))
+    assert not isinstance(caught.value, ValueError)
 
 
 def _fail_first_unet_call_with_oom(engine: Engine, request: RenderRequest) -> None:
