@@ -17,6 +17,7 @@ import os
 import signal
 import threading
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -206,6 +207,36 @@ def doctor(
     from infra.settings import get_settings
 
     raise typer.Exit(main(get_settings(), typer.echo, api_url, gpu_metrics))
+
+
+@app.command()
+def retry(
+    stems: Annotated[list[str] | None, typer.Argument(help="Inputs to retry, by stem (the file name without "
+                                                       "extension, with its folders: shoes/red).")] = None,
+    every: bool = typer.Option(False, "--all", help="Every job the service gave up on."),
+) -> None:
+    """Render again jobs the service gave up on (their error file says service_failed), once the
+    cause is fixed: each job's own flow run goes back in the queue. Jobs that failed because of
+    their input are refused. Run it where the watcher runs (it reads the watcher's ledger)."""
+    from infra.ledger import Ledger
+    from infra.orchestrator import read_run_states, reschedule_run
+    from infra.settings import get_settings
+    from infra.watch.retry import retry_failed
+
+    if bool(stems) == every:
+        typer.echo("name the inputs to retry (their stems) or pass --all", err=True)
+        raise typer.Exit(2)
+    ledger = Ledger(get_settings().ledger_path)
+    try:
+        outcomes = retry_failed(ledger, None if every else stems, read_run_states, reschedule_run)
+    finally:
+        ledger.close()
+    for outcome in outcomes:
+        typer.echo(f"{outcome.action:<11} {outcome.stem}: {outcome.detail}")
+    if not outcomes:
+        typer.echo("no job has failed: nothing to retry")
+    if any(outcome.action == "refused" for outcome in outcomes):
+        raise typer.Exit(1)
 
 
 @app.command("build-tiny")

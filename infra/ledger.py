@@ -140,6 +140,13 @@ class Ledger:
             db.execute("UPDATE jobs SET state='detected', flow_run_id=NULL, lease_until=0, updated_at=?"
                        " WHERE job_id=?", (time.time(), job_id))
 
+    def retry(self, job_id: str) -> None:
+        """A failed job whose run was put back in the queue: submitted again, with fresh attempts
+        (this one counted), so the reconciler follows it as it follows a new submission."""
+        with self._write() as db:
+            db.execute("UPDATE jobs SET state='submitted', attempts=1, last_error=NULL, lease_until=0, updated_at=?"
+                       " WHERE job_id=? AND state='failed'", (time.time(), job_id))
+
     def count_attempt(self, job_id: str) -> None:
         with self._write() as db:
             db.execute("UPDATE jobs SET attempts=attempts+1, updated_at=? WHERE job_id=?", (time.time(), job_id))

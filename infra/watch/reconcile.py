@@ -22,7 +22,7 @@ import structlog
 from infra.jobs import JobTicket
 from infra.ledger import Ledger
 from infra.spec import ErrorReport, error_file_bytes
-from infra.store.base import Store
+from infra.store.base import Store, StoreError
 
 log = structlog.get_logger("i2vflow.reconciler")
 FINAL_FOR_USER = ("bad input:", "render failed:")
@@ -51,10 +51,8 @@ def reconcile(ledger: Ledger, outbox: Store, read_states: Callable[[list[str]], 
         elif state == "CANCELLED" or (state == "FAILED" and message.startswith(FINAL_FOR_USER)):
             ledger.mark_finished(job_id, ok=False, error=message[:2000])
         elif state in ("CRASHED", "FAILED"):
-            finding = _retry(ledger, record.attempts, job_id, stem, run_id, state, message, reschedule, max_attempts)
-            if finding.kind == "run_gave_up":
-                _report_gave_up(outbox, record.ticket, record.attempts, finding.detail)
-            findings.append(finding)
+            findings.append(_retry(ledger, outbox, record.ticket, record.attempts, run_id, state, message,
+                                   reschedule, max_attempts))
         elif state == "MISSING":
             ledger.resubmit(job_id)
             findings.append(Finding("run_missing", job_id, stem, f"flow run {run_id} is gone", "resubmitted"))
@@ -65,10 +63,15 @@ def reconcile(ledger: Ledger, outbox: Store, read_states: Callable[[list[str]], 
     return findings
 
 
-def _retry(ledger: Ledger, attempts: int, job_id: str, stem: str, run_id: str, state: str, message: str,
+def _retry(ledger: Ledger, outbox: Store, ticket: JobTicket, attempts: int, run_id: str, state: str, message: str,
            reschedule: Callable[[str, str], None], max_attempts: int) -> Finding:
+    job_id, stem = ticket.job_id, ticket.stem
     detail = f"flow run {run_id} {state.lower()}: {message[:300]}"
     if attempts >= max_attempts:
+        try:
+            _report_gave_up(outbox, ticket, attempts, detail)
+        except StoreError as exc:  # the outbox itself may be what failed: keep the job, write it next pass
+            return Finding("run_gave_up", job_id, stem, detail, f"error file not written yet ({exc}); next pass")
         ledger.mark_finished(job_id, ok=False, error=detail)
         return Finding("run_gave_up", job_id, stem, detail, f"marked failed after {attempts} attempts")
     reschedule(run_id, f"rescheduled by the i2vflow reconciler after: {message[:200]}")
@@ -83,9 +86,9 @@ def _report_gave_up(outbox: Store, ticket: JobTicket, attempts: int, detail: str
         message=f"The service could not finish this job after {attempts} attempts; your input looks fine. "
         f"Last failure: {detail}",
         inputs={"image": ticket.image_key, "spec": ticket.spec_key}, job_id=ticket.job_id,
-        retry="Ask the operator to check the service (`i2vflow doctor`, the reconciler's findings). This job is "
-        "recorded as failed: to render it again, change its JSON (any edit, e.g. add a seed) once the service is "
-        "healthy.")
+        retry=f"Ask the operator to check the service (`i2vflow doctor`, the reconciler's findings); once it is "
+        f"healthy they can render this job again with `i2vflow retry {ticket.stem}` (or `--all`), or you can "
+        "change its JSON (any edit, e.g. add a seed), which makes it a new job.")
     outbox.write(ticket.output_key(".error.json"), error_file_bytes(report), "application/json")
 
 

@@ -160,6 +160,49 @@ def test_outbox_failing_during_publish_fails_the_run_clearly_with_no_partial_vid
     assert leftovers == [], f"nothing half-written may appear: {leftovers}"
 
 
+def test_a_job_the_service_gave_up_on_renders_after_the_fix_with_i2vflow_retry(service, start_watcher,
+                                                                               tmp_path: Path) -> None:
+    """The outbox fails during publish (a file where the job's folder must go) and the reconciler
+    gives up (one attempt allowed); the user's service_failed report waits until it can be
+    written. Once the operator removes the obstacle, `i2vflow retry STEM` renders the job beside
+    its input: the same flow run, one video, and the report removed."""
+    inbox, outbox, state = tmp_path / "inbox", tmp_path / "outbox", tmp_path / "state"
+    outbox.mkdir()
+    blocker = outbox / "blocked"
+    blocker.write_text("a file where the output folder should be")
+    drop(inbox, "blocked/item", {"prompt": "p", **FAST_SPEC}, png_bytes())
+    handle = start_watcher(inbox, outbox, state_dir=state, reconcile_seconds=1.0, max_reschedules=1)
+    wait_for(lambda: _final_run_state(handle), timeout=240, what="the run to fail in its publish")
+    [record] = handle.watcher.ledger.in_state("submitted")
+    time.sleep(3)  # three reconciler passes: it gave up, but the report cannot be written yet
+    assert handle.watcher.ledger.get(record.ticket.job_id).state == "submitted"
+
+    blocker.unlink()
+    report = outbox / "blocked" / "item.error.json"
+    wait_for(report.exists, timeout=60, what="the service_failed report once the outbox works")
+    assert json.loads(report.read_text())["error"] == "service_failed"
+    assert "i2vflow retry blocked/item" in json.loads(report.read_text())["retry"]
+    assert _ledger_states(state) == {"blocked/item": "failed"}
+
+    retry = subprocess.run([sys.executable, "-m", "infra.cli", "retry", "blocked/item", "never/dropped"],
+                           env={**service.env, "I2VFLOW_STATE_DIR": str(state)}, cwd=PROJECT_ROOT,
+                           capture_output=True, text=True, timeout=120)
+    assert retry.returncode == 1, retry.stderr  # one name was refused
+    assert f"rescheduled blocked/item: flow run {record.flow_run_id}" in retry.stdout
+    assert "refused     never/dropped: not a failed job" in retry.stdout
+    sidecar = outbox / "blocked" / "item.json"
+    wait_for(sidecar.exists, timeout=180, what="the video after the retry")
+    assert json.loads(sidecar.read_text())["prefect"]["flow_run_id"] == record.flow_run_id
+    assert probe_mp4(outbox / "blocked" / "item.mp4").frames == 8
+    assert not report.exists()
+    wait_for(lambda: _ledger_states(state) == {"blocked/item": "done"}, timeout=30, what="the ledger to say done")
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        name = client.read_flow_run(record.flow_run_id).name
+    assert [r.id for r in flow_runs_named([name])] == [UUID(record.flow_run_id)]  # no second run
+
+
 def _final_run_state(handle) -> object:
     from prefect import get_client
 

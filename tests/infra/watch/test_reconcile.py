@@ -59,3 +59,23 @@ def test_reconcile_gives_up_after_max_attempts(tmp_path: Path) -> None:
     assert report["error"] == "service_failed" and report["job_id"] == "flaky"
     assert "worker lost" in report["message"] and "i2vflow doctor" in report["retry"]
     assert report["inputs"] == {"image": "flaky.png", "spec": None}
+
+
+def test_giving_up_waits_until_the_error_file_can_be_written(tmp_path: Path) -> None:
+    """The outbox may be what failed (a full disk, a file where a folder must be): a job marked
+    failed without its error file would end in silence, so the verdict waits for the write."""
+    ledger, outbox = Ledger(tmp_path / "l.sqlite3"), FolderStore(tmp_path / "out")
+    _submitted(ledger, "shoes-red")
+    (tmp_path / "out" / "shoes-red.error.json").mkdir(parents=True)  # where the report must go: blocked
+
+    def once() -> list[object]:
+        return reconcile(ledger, outbox, lambda ids: {i: ("FAILED", "StoreError: cannot write") for i in ids},
+                         lambda run_id, reason: None, max_attempts=1)
+
+    [finding] = once()
+    assert finding.kind == "run_gave_up" and "not written yet" in finding.action
+    assert ledger.get("shoes-red").state == "submitted"
+    (tmp_path / "out" / "shoes-red.error.json").rmdir()
+    [finding] = once()
+    assert finding.action == "marked failed after 1 attempts" and ledger.get("shoes-red").state == "failed"
+    assert json.loads((tmp_path / "out" / "shoes-red.error.json").read_text())["error"] == "service_failed"
