@@ -17,7 +17,7 @@ drop can help those.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import structlog
 
@@ -30,7 +30,7 @@ log = structlog.get_logger("i2vflow.retry")
 @dataclass(frozen=True)
 class RetryOutcome:
     stem: str
-    action: str  # "rescheduled", "resubmitted" or "refused"
+    action: str  # "rescheduled", "resubmitted", "refused" (a named job) or "skipped" (under --all)
     detail: str
 
 
@@ -47,8 +47,10 @@ def retry_failed(ledger: Ledger, stems: list[str] | None,
     states = read_states([r.flow_run_id for r in records if r.flow_run_id]) if records else {}
     for record in records:
         state, message = states.get(record.flow_run_id or "", ("MISSING", ""))
-        outcomes.append(_retry_one(ledger, record.ticket.stem, record.ticket.job_id, record.flow_run_id,
-                                   state, message, reschedule))
+        outcome = _retry_one(ledger, record.ticket.stem, record.ticket.job_id, record.flow_run_id, state, message,
+                             reschedule)
+        # Under --all, a job that failed because of its input is expected, not an error of the command.
+        outcomes.append(outcome if stems or outcome.action != "refused" else replace(outcome, action="skipped"))
     for outcome in outcomes:
         log.info("retry.outcome", input_key=outcome.stem, action=outcome.action, detail=outcome.detail)
     return outcomes
@@ -61,7 +63,7 @@ def _retry_one(ledger: Ledger, stem: str, job_id: str, run_id: str | None, state
         return RetryOutcome(stem, "resubmitted", "its flow run is gone from the server; the watcher submits it anew")
     if state == "CANCELLED":
         return RetryOutcome(stem, "refused", f"its run was cancelled ({message[:200] or 'no reason given'}); "
-                            "drop the input again to render it")
+                            "to render it anyway, change its JSON (any edit makes a new job)")
     if state == "FAILED" and message.startswith(FINAL_FOR_USER):
         return RetryOutcome(stem, "refused", f"it failed because of its input ({message[:200]}); fix the input "
                             "and drop it again")

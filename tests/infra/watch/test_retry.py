@@ -41,8 +41,8 @@ def test_retry_all_reschedules_what_the_service_failed_and_refuses_the_inputs_ow
 
     assert sorted(rescheduled) == ["run-disk-full", "run-gpu-down"]
     actions = {o.stem: o.action for o in outcomes}
-    assert actions == {"shoes/gpu-down": "rescheduled", "shoes/disk-full": "rescheduled",
-                       "shoes/bad": "refused", "shoes/superseded": "refused"}
+    assert actions == {"shoes/gpu-down": "rescheduled", "shoes/disk-full": "rescheduled",  # under --all the
+                       "shoes/bad": "skipped", "shoes/superseded": "skipped"}  # input's own failures are skipped
     why = {o.stem: o.detail for o in outcomes}
     assert "fix the input" in why["shoes/bad"] and "cancelled" in why["shoes/superseded"]
     # Followed again like a new submission: fresh attempts, so the reconciler may reschedule it once more.
@@ -61,3 +61,15 @@ def test_retry_by_stem_and_a_run_gone_from_the_server(tmp_path: Path) -> None:
                                                        ("shoes/gpu-down", "resubmitted")]
     assert ledger.get("gpu-down").state == "detected" and "gpu-down" in ledger.claimable()
     assert ledger.get("disk-full").state == "failed"  # not named, not touched
+
+
+def test_a_named_job_that_failed_because_of_its_input_is_refused_with_the_reason(tmp_path: Path) -> None:
+    ledger = _failed_ledger(tmp_path)
+    rescheduled: list[str] = []
+
+    [outcome] = retry_failed(ledger, ["shoes/bad"], lambda ids: {i: STATES[i] for i in ids},
+                             lambda run_id, reason: rescheduled.append(run_id))
+
+    assert (outcome.action, rescheduled) == ("refused", [])
+    assert "bad input: bad.json" in outcome.detail and "fix the input and drop it again" in outcome.detail
+    assert ledger.get("bad").state == "failed"
