@@ -301,7 +301,11 @@ def _check_state_dir(settings: Settings) -> Check:
     finally:
         ledger.close()
     waiting = counts.get("detected", 0) + counts.get("submitting", 0)
-    return Check("state dir", OK, f"ledger: {sum(counts.values())} job(s), {waiting} waiting for a run")
+    failed = counts.get("failed", 0)
+    said = f"ledger: {sum(counts.values())} job(s), {waiting} waiting for a run, {failed} failed"
+    if failed:  # some may be the service's (service_failed), which the operator can render again
+        said += " (`i2vflow retry --all` renders again those the service gave up on, once it is fixed)"
+    return Check("state dir", OK, said)
 
 
 def _check_model(settings: Settings) -> Check:

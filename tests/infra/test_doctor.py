@@ -134,3 +134,26 @@ def test_a_dead_api_url_fails_with_exit_code_1(service, settings: Settings) -> N
     assert result.returncode == 1, result.stdout + result.stderr
     assert f"PROBLEM  prefect server         {dead} does not answer" in result.stdout
     assert "fix: start it" in result.stdout and "1 problem(s) found" in result.stdout
+
+
+def test_the_state_dir_check_counts_failed_jobs_and_names_the_retry_command(tmp_path: Path) -> None:
+    from infra.doctor import _check_state_dir
+    from infra.jobs import JobTicket
+    from infra.ledger import Ledger
+
+    settings = Settings(state_dir=tmp_path / "state")
+    settings.state_dir.mkdir()
+    ledger = Ledger(settings.ledger_path)
+    for job_id in ("done", "gave-up"):
+        ledger.record_detected(JobTicket(job_id=job_id, stem=job_id, inbox="/in", outbox="/out",
+                                         image_key=f"{job_id}.png", spec_key=None))
+        ledger.claim(job_id, "me", 60)
+        ledger.mark_submitted(job_id, f"run-{job_id}")
+    ledger.mark_finished("done", ok=True)
+    ledger.mark_finished("gave-up", ok=False, error="flow run run-gave-up crashed: worker lost")
+    ledger.close()
+
+    check = _check_state_dir(settings)
+
+    assert check.status == OK and "2 job(s), 0 waiting for a run, 1 failed" in check.detail
+    assert "`i2vflow retry --all`" in check.detail
