@@ -19,12 +19,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-import structlog
-
 from infra.ledger import Ledger
 from infra.watch.reconcile import FINAL_FOR_USER
-
-log = structlog.get_logger("i2vflow.retry")
 
 
 @dataclass(frozen=True)
@@ -41,8 +37,7 @@ def retry_failed(ledger: Ledger, stems: list[str] | None,
     the server, 3. reschedule the runs the service failed; refuse the rest, saying why."""
     failed = {record.ticket.stem: record for record in ledger.in_state("failed")}
     named = list(dict.fromkeys(stems)) if stems else sorted(failed)
-    outcomes = [RetryOutcome(stem, "refused", "not a failed job in this watcher's ledger")
-                for stem in named if stem not in failed]
+    outcomes = [_not_failed(ledger, stem) for stem in named if stem not in failed]
     records = [failed[stem] for stem in named if stem in failed]
     states = read_states([r.flow_run_id for r in records if r.flow_run_id]) if records else {}
     for record in records:
@@ -51,9 +46,15 @@ def retry_failed(ledger: Ledger, stems: list[str] | None,
                              reschedule)
         # Under --all, a job that failed because of its input is expected, not an error of the command.
         outcomes.append(outcome if stems or outcome.action != "refused" else replace(outcome, action="skipped"))
-    for outcome in outcomes:
-        log.info("retry.outcome", input_key=outcome.stem, action=outcome.action, detail=outcome.detail)
     return outcomes
+
+
+def _not_failed(ledger: Ledger, stem: str) -> RetryOutcome:
+    states = [r.state for r in ledger.in_state("detected", "submitting", "submitted", "done") if r.ticket.stem == stem]
+    if not states:
+        return RetryOutcome(stem, "refused", "no job of that name in this watcher's ledger")
+    return RetryOutcome(stem, "refused", f"its job is {states[0]}, not failed (the reconciler judges a finished "
+                        "run within I2VFLOW_RECONCILE_SECONDS)")
 
 
 def _retry_one(ledger: Ledger, stem: str, job_id: str, run_id: str | None, state: str, message: str,

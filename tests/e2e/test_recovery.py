@@ -189,7 +189,7 @@ def test_a_job_the_service_gave_up_on_renders_after_the_fix_with_i2vflow_retry(s
                            capture_output=True, text=True, timeout=120)
     assert retry.returncode == 1, retry.stderr  # one name was refused
     assert f"rescheduled blocked/item: flow run {record.flow_run_id}" in retry.stdout
-    assert "refused     never/dropped: not a failed job" in retry.stdout
+    assert "refused     never/dropped: no job of that name" in retry.stdout
     sidecar = outbox / "blocked" / "item.json"
     wait_for(sidecar.exists, timeout=180, what="the video after the retry")
     assert json.loads(sidecar.read_text())["prefect"]["flow_run_id"] == record.flow_run_id

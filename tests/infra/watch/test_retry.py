@@ -61,6 +61,9 @@ def test_retry_by_stem_and_a_run_gone_from_the_server(tmp_path: Path) -> None:
                                                        ("shoes/gpu-down", "resubmitted")]
     assert ledger.get("gpu-down").state == "detected" and "gpu-down" in ledger.claimable()
     assert ledger.get("disk-full").state == "failed"  # not named, not touched
+    # Named again now that it is waiting for its new run: not failed, and the answer says what it is.
+    [again] = retry_failed(ledger, ["shoes/gpu-down"], lambda ids: {}, lambda run_id, reason: None)
+    assert (again.action, again.detail.split(",")[0]) == ("refused", "its job is detected")
 
 
 def test_a_named_job_that_failed_because_of_its_input_is_refused_with_the_reason(tmp_path: Path) -> None:
