@@ -183,6 +183,11 @@ class Ledger:
         rows = self._query(f"SELECT job_id FROM jobs WHERE state IN ({marks})", states)
         return [record for (job_id,) in rows if (record := self.get(str(job_id)))]
 
+    def states_of(self, stem: str) -> list[str]:
+        """The states of the jobs made from inputs named ``stem``, newest first."""
+        rows = self._query("SELECT state FROM jobs WHERE stem=? ORDER BY created_at DESC", (stem,))
+        return [str(state) for (state,) in rows]
+
     def counts(self) -> dict[str, int]:
         rows = self._query("SELECT state, COUNT(*) FROM jobs GROUP BY state")
         return {str(state): int(count) for state, count in rows}  # type: ignore[call-overload]

@@ -28,6 +28,11 @@ log = structlog.get_logger("i2vflow.reconciler")
 FINAL_FOR_USER = ("bad input:", "render failed:")
 
 
+def is_final_for_user(state: str, message: str) -> bool:
+    """A run that ended because of the job itself (its input, or a cancellation): no retry helps."""
+    return state == "CANCELLED" or (state == "FAILED" and message.startswith(FINAL_FOR_USER))
+
+
 @dataclass(frozen=True)
 class Finding:
     kind: str
@@ -48,7 +53,7 @@ def reconcile(ledger: Ledger, outbox: Store, read_states: Callable[[list[str]], 
         state, message = states.get(run_id, ("MISSING", ""))
         if state == "COMPLETED":
             ledger.mark_finished(job_id, ok=True)
-        elif state == "CANCELLED" or (state == "FAILED" and message.startswith(FINAL_FOR_USER)):
+        elif is_final_for_user(state, message):
             ledger.mark_finished(job_id, ok=False, error=message[:2000])
         elif state in ("CRASHED", "FAILED"):
             findings.append(_retry(ledger, outbox, record.ticket, record.attempts, run_id, state, message,

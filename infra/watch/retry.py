@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from infra.ledger import Ledger
-from infra.watch.reconcile import FINAL_FOR_USER
+from infra.watch.reconcile import is_final_for_user
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ def retry_failed(ledger: Ledger, stems: list[str] | None,
 
 
 def _not_failed(ledger: Ledger, stem: str) -> RetryOutcome:
-    states = [r.state for r in ledger.in_state("detected", "submitting", "submitted", "done") if r.ticket.stem == stem]
+    states = ledger.states_of(stem)
     if not states:
         return RetryOutcome(stem, "refused", "no job of that name in this watcher's ledger")
     return RetryOutcome(stem, "refused", f"its job is {states[0]}, not failed (the reconciler judges a finished "
@@ -62,10 +62,10 @@ def _retry_one(ledger: Ledger, stem: str, job_id: str, run_id: str | None, state
     if state == "MISSING" or run_id is None:
         ledger.resubmit(job_id)  # the watcher creates a new run for it (the idempotency key is free)
         return RetryOutcome(stem, "resubmitted", "its flow run is gone from the server; the watcher submits it anew")
-    if state == "CANCELLED":
-        return RetryOutcome(stem, "refused", f"its run was cancelled ({message[:200] or 'no reason given'}); "
-                            "to render it anyway, change its JSON (any edit makes a new job)")
-    if state == "FAILED" and message.startswith(FINAL_FOR_USER):
+    if is_final_for_user(state, message):
+        if state == "CANCELLED":
+            return RetryOutcome(stem, "refused", f"its run was cancelled ({message[:200] or 'no reason given'}); "
+                                "to render it anyway, change its JSON (any edit makes a new job)")
         return RetryOutcome(stem, "refused", f"it failed because of its input ({message[:200]}); fix the input "
                             "and drop it again")
     if state not in ("CRASHED", "FAILED"):
