@@ -17,14 +17,14 @@ Presets:
   timesteps kept on the host (``host_timesteps``), so the denoising loop has no host sync.
 - ``auto`` (default): ``fast`` on CUDA, ``stock`` elsewhere (on a CPU nothing changes).
 
-Levers outside every preset (measured, opt-in): ``compile_scope="blocks"`` (compile the
-UNet's repeated blocks instead of the whole graph: cannot be packaged ahead of time, so every
-start compiles; large shapes render faster, 512x512 slightly slower), ``channels_last_group_norm`` (the temporal
-layers' GroupNorm statistics read along channels-last memory: 768x24 1.50x -> 1.67x stock on an
-H200; at 512x16 in AOT packages no faster and 2.8 GiB more peak on an H100, so off in ``fast``),
-and ``fp8_linear`` (e4m3 matmuls in the
-transformers, Hopper/Ada only; slower than fp16 at I2VGen-XL's shapes and it changes numerics,
-so it stays off; the benchmark reports its speed and drift).
+Levers outside every preset (measured, opt-in): ``compile_scope="blocks"`` (compile the UNet's
+repeated blocks instead of the whole graph: cannot be packaged ahead of time, so every start
+compiles; large shapes render faster, 512x512 slightly slower), ``channels_last_group_norm``
+(the temporal layers' GroupNorm statistics read along channels-last memory: 768x24 1.50x ->
+1.67x stock on an H200; at 512x16 in AOT packages no faster and 2.8 GiB more peak on an H100, so
+off in ``fast``), and ``fp8_linear`` (e4m3 matmuls in the transformers, Hopper/Ada only; slower
+than fp16 at I2VGen-XL's shapes and it changes numerics, so it stays off; the benchmark reports
+its speed and drift).
 
 Quality-trading levers are never part of a preset: ``scheduler="dpm++"`` (DPM-Solver++, which
 reaches a usable image in fewer steps than the pipeline's DDIM) and ``max_steps`` (cap the
