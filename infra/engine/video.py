@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import imageio_ffmpeg
 import numpy as np
+from imageio_ffmpeg._parsing import parse_ffmpeg_header  # read_frames' own header parser
 
 
 class VideoEncodeError(RuntimeError):
@@ -134,8 +136,10 @@ def _write(frames: np.ndarray, fps: float, path: Path) -> None:
     )
     writer.send(None)  # start ffmpeg
     try:
-        for frame in frames:
-            writer.send(np.ascontiguousarray(frame))
+        # The whole video in one write: one pipe write gives up the GIL once and takes it back
+        # once, where a write per frame took it back 16-32 times; on a GPU worker the other
+        # slot's render can hold the GIL for a whole denoising step (an AOT package's call).
+        writer.send(np.ascontiguousarray(frames))
     finally:
         writer.close()
 
@@ -149,24 +153,34 @@ def probe_mp4(path: Path) -> VideoInfo:
     size = path.stat().st_size if path.is_file() else 0
     if size == 0:
         raise VideoEncodeError(f"{path} is missing or empty")
-    # One ffmpeg run decodes every frame (the count) and reports the header (size, fps, duration):
-    # half the time of count_frames_and_secs plus a second run for the header (0.17 vs 0.30 s
-    # for 512x512x16 of noise, 0.06 vs 0.09 s for smooth footage; 2-core CPU).
-    reader = imageio_ffmpeg.read_frames(str(path))
-    try:
-        meta = next(reader)
-        frames = sum(1 for _ in reader)
-    except OSError as exc:  # imageio-ffmpeg's word for "ffmpeg found no video stream"
-        raise VideoEncodeError(f"{path} is not a readable video: {str(exc).splitlines()[0]}") from exc
-    finally:
-        reader.close()
-    width, height = meta["size"]
-    return VideoInfo(
-        path=path,
-        frames=frames,
-        fps=float(meta["fps"]),
-        width=int(width),
-        height=int(height),
-        bytes=size,
-        seconds=float(meta["duration"]),
-    )
+    # One ffmpeg run decodes every frame to nothing (the count) and prints the header (size,
+    # fps, duration); Python waits for it once. Reading the frames back through a pipe
+    # (``read_frames``) took the GIL once per frame and gave ffmpeg's header 10 s to arrive,
+    # which a thread starved by a render holding the GIL (an AOT package) did not meet.
+    command = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-i", str(path), "-map", "0:v:0",
+               "-vf", "null", "-f", "null", "-"]
+    with tempfile.TemporaryFile() as stderr:  # a file, not a pipe: no read per progress line
+        returncode = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=stderr, check=False).returncode
+        stderr.seek(0)
+        log = stderr.read().decode("utf-8", "replace")
+    frames = _decoded_frames(log)
+    if returncode != 0 or frames is None:
+        raise VideoEncodeError(f"{path} is not a readable video: {_last_line(log)}")
+    meta = parse_ffmpeg_header(log)
+    width, height = meta["source_size"]
+    return VideoInfo(path=path, frames=frames, fps=float(meta["fps"]), width=int(width), height=int(height),
+                     bytes=size, seconds=float(meta["duration"]))
+
+
+def _decoded_frames(log: str) -> int | None:
+    """The frame count of ffmpeg's last progress line (``frame=   16 fps=...``), as
+    ``imageio_ffmpeg.count_frames_and_secs`` reads it."""
+    for line in reversed(log.replace("\r", "\n").splitlines()):
+        if line.startswith("frame="):
+            return int(line.removeprefix("frame=").split()[0])
+    return None
+
+
+def _last_line(log: str) -> str:
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    return lines[-1] if lines else "ffmpeg printed nothing"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -93,6 +95,31 @@ def test_probe_refuses_a_file_that_is_not_a_video_and_counts_a_cut_one_short(tmp
     cut = tmp_path / "cut.mp4"
     cut.write_bytes(whole.path.read_bytes()[: whole.bytes * 2 // 3])
     assert 0 < probe_mp4(cut).frames < 12  # the header still says 12 frames' duration: frames are decoded
+
+
+def test_an_encode_beside_a_thread_that_holds_the_gil_finishes_verified() -> None:
+    """On a GPU worker the other slot's render holds the GIL through each denoising step (an
+    AOT package's call does not let it go). The read-back used to pipe every frame through
+    Python and give ffmpeg's header 10 s to arrive: beside 0.12-0.14 s holds it failed every time
+    (benchmarks/bench_encode.py). The holder here: ``sorted()`` of a long list, which runs in C
+    without releasing the GIL."""
+    data = list(range(600_000))
+    random.Random(0).shuffle(data)
+    stop = threading.Event()
+
+    def render_like() -> None:
+        while not stop.is_set():
+            sorted(data)
+
+    holder = threading.Thread(target=render_like, daemon=True)
+    holder.start()
+    try:
+        video = encode_mp4_bytes(_frames(8, 64, 64), 8)
+    finally:
+        stop.set()
+        holder.join()
+
+    assert (video.frames, video.width, video.height) == (8, 64, 64)
 
 
 def test_the_fast_encoder_settings_keep_the_quality_of_x264s_defaults(tmp_path: Path) -> None:
