@@ -155,8 +155,8 @@ def probe_mp4(path: Path) -> VideoInfo:
         raise VideoEncodeError(f"{path} is missing or empty")
     # One ffmpeg run decodes every frame to nothing (the count) and prints the header (size,
     # fps, duration); Python waits for it once. Reading the frames back through a pipe
-    # (``read_frames``) took the GIL once per frame and gave ffmpeg's header 10 s to arrive,
-    # which a thread starved by a render holding the GIL (an AOT package) did not meet.
+    # (``read_frames``) gave the GIL up for every 64 KiB and gave ffmpeg's header 10 s to
+    # arrive, which a thread starved by a render holding the GIL (an AOT package) did not meet.
     command = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-i", str(path), "-map", "0:v:0",
                "-vf", "null", "-f", "null", "-"]
     with tempfile.TemporaryFile() as stderr:  # a file, not a pipe: no read per progress line
@@ -166,7 +166,10 @@ def probe_mp4(path: Path) -> VideoInfo:
     frames = _decoded_frames(log)
     if returncode != 0 or frames is None:
         raise VideoEncodeError(f"{path} is not a readable video: {_last_line(log)}")
-    meta = parse_ffmpeg_header(log)
+    try:
+        meta = parse_ffmpeg_header(log)
+    except (IndexError, ValueError, AttributeError) as exc:  # a header the parser does not know
+        raise VideoEncodeError(f"{path}: ffmpeg's header could not be read ({exc!r})") from exc
     width, height = meta["source_size"]
     return VideoInfo(path=path, frames=frames, fps=float(meta["fps"]), width=int(width), height=int(height),
                      bytes=size, seconds=float(meta["duration"]))
