@@ -157,7 +157,7 @@ def probe_mp4(path: Path) -> VideoInfo:
     # fps, duration); Python waits for it once. Reading the frames back through a pipe
     # (``read_frames``) gave the GIL up for every 64 KiB and gave ffmpeg's header 10 s to
     # arrive, which a thread starved by a render holding the GIL (an AOT package) did not meet.
-    command = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-i", str(path), "-map", "0:v:0",
+    command = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-stats", "-i", str(path), "-map", "0:v:0",
                "-vf", "null", "-f", "null", "-"]
     with tempfile.TemporaryFile() as stderr:  # a file, not a pipe: no read per progress line
         returncode = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=stderr, check=False).returncode
