@@ -75,8 +75,8 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "fast-all": {"preset": "fast", "short_attention": True, "fp8_linear": True, "compile_vae": True},
     "fast-exact": {"preset": "fast", "short_attention": True, "compile_vae": True},
     "fast-jit": {"preset": "fast", "aot": False},  # `fast` as before AOTInductor packages
-    "fast-gn": {"preset": "fast", "channels_last_group_norm": True},
-    "fast-jit-gn": {"preset": "fast", "aot": False, "channels_last_group_norm": True},
+    "fast-no-gn": {"preset": "fast", "channels_last_group_norm": False},  # `fast` before 5 December
+    "fast-jit-no-gn": {"preset": "fast", "aot": False, "channels_last_group_norm": False},
     "fast-jit-bf16": {"preset": "fast", "aot": False, "dtype": "bfloat16"},
     "fast-exact-blocks": {"preset": "fast", "short_attention": True, "compile_vae": True, "compile_scope": "blocks"},
 }

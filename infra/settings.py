@@ -99,9 +99,10 @@ class Settings(BaseSettings):
                                      "preset's choice.")
     short_attention: bool | None = Field(None, description="Temporal self-attention through a Triton kernel "
                                          "(CUDA); unset: the preset's choice (on in fast).")
-    channels_last_group_norm: bool | None = Field(None, description="GroupNorm statistics read along "
-                                                  "channels-last memory by a Triton kernel (CUDA); unset: the "
-                                                  "preset's choice.")
+    channels_last_group_norm: bool | None = Field(None, description="Temporal GroupNorm statistics read "
+                                                  "along channels-last memory by a Triton kernel (CUDA) where "
+                                                  "a norm's input outgrows the L2 cache; unset: the preset's "
+                                                  "choice (on in fast).")
     host_timesteps: bool | None = Field(None, description="Scheduler timesteps on the host: no host sync per "
                                         "denoising step; unset: the preset's choice (on in fast).")
     fp8_linear: bool = Field(False, description="Transformers' Linear layers as fp8 matmuls (Ada/Hopper; "

@@ -13,6 +13,13 @@ elsewhere); 2. those combined per group (Chan's parallel formula, a few small to
 3. the normalisation per channel in plain torch, which inductor fuses with
 what follows (SiLU, the next convolution's layout). Same math as ``torch.nn.GroupNorm``, in
 float32, to fp16 rounding.
+
+Only where it pays: a norm whose input fits the L2 cache about twice over keeps inductor's
+reduction, since the re-reads then hit the cache. Measured per temporal norm (``bench_kernels``,
+H200): 84 MB and 42 MB inputs (512x16) 0.96-0.99x; 141-566 MB inputs (768x24) 2.5-4.3x. Whole
+renders in AOT packages on an H100: 768x24 1.43x -> 1.65x stock, while at 512x16 the tiles
+gained nothing and the package peaked 2.8 GiB higher, which the size rule avoids by leaving that
+graph as it was.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import importlib.util
 import torch
 
 TILE_POSITIONS = 256  # pixels per tile; the kernel's block and the reference's tile agree
+L2_MULTIPLE = 2  # inputs larger than this many L2 caches take the tiles (between 84 and 141 MB on an H100)
 
 
 def unsupported_reason(device: str) -> str | None:
@@ -31,6 +39,18 @@ def unsupported_reason(device: str) -> str | None:
     if importlib.util.find_spec("triton") is None:
         return "Triton is not installed"
     return None
+
+
+def min_tiled_bytes(device: str | torch.device) -> int:
+    """The input size, in bytes, above which a temporal norm on ``device`` takes the tiles.
+
+    ``L2_MULTIPLE`` times the GPU's L2 cache (H100: 100 MiB); 0 off CUDA, where the lever serves
+    the tests' reference path.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 0
+    return L2_MULTIPLE * torch.cuda.get_device_properties(device).L2_cache_size
 
 
 def tile_statistics(rows: torch.Tensor, tile: int = TILE_POSITIONS) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,26 +115,37 @@ class ChannelsLastGroupNorm(torch.nn.GroupNorm):
     own reduction is slow (2.5-4.3x slower than the tiles at 768x24, ``bench_kernels``). They are
     made channels-last-3d first: a no-op for the temporal convolutions' input, and for the
     temporal transformers' (an add of channels-last tensors, traced as NCHW) it lets inductor
-    write the add's result in the layout it keeps anyway. Per-frame (4D) norms stay on
-    ``nn.GroupNorm``'s path: inductor handles those as fast as the tiles or faster.
+    write the add's result in the layout it keeps anyway. Per-frame (4D) norms, and inputs of
+    ``min_bytes`` or less (they stay in the L2 cache), stay on ``nn.GroupNorm``'s path: inductor
+    handles those as fast as the tiles or faster. Shapes are fixed per compiled graph, so the
+    choice is made once, when the graph is traced.
     """
 
+    min_bytes: int = 0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 5 or x.shape[1] % self.num_groups:
+        small = x.numel() * x.element_size() <= self.min_bytes
+        if x.ndim != 5 or x.shape[1] % self.num_groups or small:
             return super().forward(x)
         x = x.contiguous(memory_format=torch.channels_last_3d)
         return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
+    def extra_repr(self) -> str:
+        # In the repr, so an AOT package's fingerprint (``aot.module_fingerprint``) follows it.
+        return f"{super().extra_repr()}, min_bytes={self.min_bytes}"
 
-def use_channels_last_group_norm(model: torch.nn.Module) -> int:
-    """Give every ``nn.GroupNorm`` in ``model`` the tiled statistics; return how many.
 
-    The class is swapped in place (weights, hooks and names stay), because diffusers builds
-    its norms as plain ``nn.GroupNorm`` modules and has no processor API for them.
+def use_channels_last_group_norm(model: torch.nn.Module, min_bytes: int = 0) -> int:
+    """Give every ``nn.GroupNorm`` in ``model`` the tiled statistics for inputs over ``min_bytes``.
+
+    Returns how many norms were swapped. The class is swapped in place (weights, hooks and names
+    stay), because diffusers builds its norms as plain ``nn.GroupNorm`` modules and has no
+    processor API for them.
     """
     count = 0
     for module in model.modules():
         if type(module) is torch.nn.GroupNorm:
             module.__class__ = ChannelsLastGroupNorm
+            module.min_bytes = min_bytes
             count += 1
     return count

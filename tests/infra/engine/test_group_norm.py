@@ -1,6 +1,7 @@
 """The channels-last GroupNorm lever on a CPU: the tiled statistics and their combination per
 group give ``torch.nn.GroupNorm``'s output for every layout the UNet hands it, the module class
-swap sends only video-shaped inputs to the tiles, and a real render with it matches one without.
+swap sends only video-shaped inputs larger than its limit to the tiles, and a real render with it
+matches one without.
 
 The Triton statistics kernel runs only on CUDA; ``benchmarks/bench_kernels.py`` checks it
 against ``tile_statistics`` and times it against inductor's GroupNorm at the UNet's shapes.
@@ -16,11 +17,13 @@ import pytest
 import torch
 
 from infra.engine import group_norm as group_norm_module
+from infra.engine.aot import module_fingerprint
 from infra.engine.engine import Engine, RenderRequest
 from infra.engine.group_norm import (
     TILE_POSITIONS,
     ChannelsLastGroupNorm,
     group_norm,
+    min_tiled_bytes,
     tile_statistics,
     use_channels_last_group_norm,
 )
@@ -77,6 +80,30 @@ def test_video_shaped_inputs_take_the_tiles_in_any_layout() -> None:
     frames = torch.randn(2, 16, 6, 6).contiguous(memory_format=torch.channels_last)
     expected = torch.nn.functional.group_norm(frames, 4, norm.weight, norm.bias, norm.eps)
     torch.testing.assert_close(norm(frames), expected, atol=0, rtol=0)  # per-frame norms: the stock kernel
+
+
+def test_inputs_that_fit_the_cache_keep_the_stock_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    video = frames_first(2, 3, 16, 5, 5)
+    size = video.numel() * video.element_size()
+    norm = torch.nn.GroupNorm(4, 16)
+    assert use_channels_last_group_norm(norm, min_bytes=size) == 1
+    tiled_calls: list[int] = []
+
+    def counted(x: torch.Tensor, *args: object) -> torch.Tensor:
+        tiled_calls.append(x.numel())
+        return group_norm(x, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(group_norm_module, "group_norm", counted)
+    expected = torch.nn.functional.group_norm(video, 4, norm.weight, norm.bias, norm.eps)
+    torch.testing.assert_close(norm(video), expected, atol=0, rtol=0)  # at the limit: the stock kernel
+    assert tiled_calls == []
+    fingerprint = module_fingerprint(norm)
+    norm.min_bytes = size - 1
+    torch.testing.assert_close(norm(video), expected, atol=1e-5, rtol=1e-5)
+    assert tiled_calls == [video.numel()]
+    # The limit changes the traced graph, so an AOT package built under another limit is not reused.
+    assert f"min_bytes={size - 1}" in repr(norm) and module_fingerprint(norm) != fingerprint
+    assert min_tiled_bytes("cpu") == 0  # off CUDA every video-shaped norm takes the reference tiles
 
 
 def test_swapped_norms_render_what_stock_renders(model_cache: Path, make_request: MakeRequest,

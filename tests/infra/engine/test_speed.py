@@ -79,6 +79,9 @@ def test_fast_on_cuda_plans_the_measured_levers(monkeypatch: pytest.MonkeyPatch)
     assert (plan.compile, plan.compile_scope, plan.short_attention, plan.compile_vae, plan.aot) == (
         "default", "model", True, True, True)
     assert plan.fp8_linear is False and plan.skipped == ()
+    assert plan.channels_last_group_norm is True  # the norms that outgrow the L2 cache, by size
+    assert resolve_plan(EngineOptions(preset="fast", channels_last_group_norm=False), "cuda",
+                        "full").channels_last_group_norm is False
     blocks = resolve_plan(EngineOptions(preset="auto", compile_scope="blocks"), "cuda", "full")
     assert (blocks.compile_scope, blocks.aot) == ("blocks", False)
     assert blocks.skipped == ("aot (packages whole models; compile_scope=blocks)",)
@@ -86,6 +89,15 @@ def test_fast_on_cuda_plans_the_measured_levers(monkeypatch: pytest.MonkeyPatch)
     assert off.short_attention is False
     assert plan.host_timesteps is True and PRESETS["stock"].host_timesteps is False
     assert resolve_plan(EngineOptions(preset="fast", host_timesteps=False), "cuda", "full").host_timesteps is False
+
+
+def test_the_group_norm_tiles_need_compile(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A small card's offload mode runs the UNet eagerly: there the tiles would cost, not save.
+    gpu_with(monkeypatch, (9, 0))
+    offload = resolve_plan(EngineOptions(preset="fast"), "cuda", "offload")
+    assert offload.channels_last_group_norm is False
+    assert "channels_last_group_norm (needs compile: inductor fuses the normalisation)" in offload.skipped
+    assert resolve_plan(EngineOptions(preset="fast"), "cuda", "full").channels_last_group_norm is True
 
 
 def test_bad_compile_scope_names_the_field() -> None:
@@ -131,5 +143,6 @@ def test_without_triton_a_gpu_runs_uncompiled_and_says_why(monkeypatch: pytest.M
     plan = resolve_plan(EngineOptions(preset="fast"), "cuda", "full")
     assert (plan.compile, plan.compile_vae, plan.short_attention) == ("off", False, False)
     assert plan.skipped == ("compile=default (Triton is not installed)", "compile_vae (needs compile)",
-                            "aot (needs compile)", "short_attention (Triton is not installed)")
+                            "aot (needs compile)", "short_attention (Triton is not installed)",
+                            "channels_last_group_norm (Triton is not installed)")
     assert plan.fuse_qkv and plan.channels_last  # the levers that need no compiler stay
