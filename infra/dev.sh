@@ -21,7 +21,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$py" -m pip install -q --upgrade pip
   if ! "$py" -c "import torch" 2>/dev/null; then
     if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
-      "$py" -m pip install -q "torch>=2.4"                       # PyPI's Linux wheel is a CUDA build
+      "$py" -m pip install -q "torch>=2.5"                       # PyPI's Linux wheel is a CUDA build
     elif ! "$py" -m pip install -q "torch==2.13.0+cpu" 2>/dev/null; then   # a local CPU wheel
       "$py" -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
     fi
