@@ -290,6 +290,7 @@ def _phases(run: Any, sidecar: dict[str, Any]) -> dict[str, float]:
         "run_created_to_pending": gap(run.created, pending),  # a flow worker noticed and claimed it
         "pending_to_flow_start": gap(pending, run.start_time),  # its process started, the engine began
         "flow_start_to_render_submitted": gap(run.start_time, render.created),
+        "load_inputs": sidecar["timings_seconds"]["load_inputs"],  # inside the above: the flow's first task
         "render_submitted_to_task_start": gap(render.created, render.start_time),
         "render_task_minus_render_and_encode": round(gap(render.start_time, render.end_time) - render_s - encode, 3),
         "render_task_end_to_video": round(sidecar["at"] - render.end_time.timestamp(), 3),

@@ -38,5 +38,6 @@ def test_bench_drop_runs_the_service_with_two_gpu_workers(tmp_path: Path) -> Non
     assert phases["run_created_to_pending"] > 0 and phases["pending_to_flow_start"] > 0
     split = phases["run_created_to_pending"] + phases["pending_to_flow_start"]
     assert abs(split - phases["run_created_to_flow_start"]) <= 0.002
+    assert 0 < phases["load_inputs"] < phases["flow_start_to_render_submitted"]  # the flow's first task, inside
     assert len(one["gpu_gaps_s"]) == 1 and 0 < one["gpu_busy_share"] <= 1.05
     assert report["scaling_videos_per_hour"] > 0
