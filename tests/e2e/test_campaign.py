@@ -20,6 +20,18 @@ def _flow_run(run_id: object) -> object:
         return client.read_flow_run(run_id)
 
 
+def _render_spans(flow_run_id: object) -> list[tuple[float, float]]:
+    """(start, end) of every render-video task run a flow run submitted, in start order."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+                                     limit=200)
+    return sorted((run.start_time.timestamp(), run.end_time.timestamp())
+                  for run in runs if run.name.startswith("render-video"))
+
+
 def test_live_drop_completes_while_a_40_item_campaign_runs(start_watcher, tmp_path: Path) -> None:
     """Why 40 items: the live drop must meet a campaign that is still rendering. On 2 cores and
     SQLite, creating the live drop's flow run once took 59 s (the server's "database is locked"),
@@ -63,6 +75,12 @@ def test_live_drop_completes_while_a_40_item_campaign_runs(start_watcher, tmp_pa
     report = json.loads((slot / "campaign.json").read_text())
     assert report["counts"] == {"rendered": 40}
     assert (slot / "contact-sheet.png").stat().st_size > 0
+    # Priority low: never a second campaign render at the GPU worker while one is there, so a live
+    # drop queues behind at most one (with all 40 queued, the worker's two slots would overlap them).
+    spans = _render_spans(run.id)
+    assert len(spans) == 40
+    overlaps = [(a, b) for a, b in zip(spans, spans[1:], strict=False) if b[0] < a[1]]
+    assert not overlaps, f"{len(overlaps)} campaign renders started before the one before them ended"
 
     # Campaign renders continued after the live one: they interleaved at the GPU worker.
     live_at = datetime.fromisoformat(live["created_at"])
