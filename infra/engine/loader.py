@@ -59,8 +59,8 @@ class EngineOptions:
     ``short_attention``: temporal self-attention through a Triton kernel (CUDA only; ``None``
     takes the preset's choice).
     ``channels_last_group_norm``: the temporal GroupNorms' statistics read along channels-last
-    memory (a Triton kernel) where a norm's input outgrows the L2 cache (CUDA with
-    ``channels_last`` only; ``None`` takes the preset's choice).
+    memory (a Triton kernel) where a norm's input outgrows the L2 cache (CUDA, with
+    ``channels_last`` and compilation only; ``None`` takes the preset's choice).
     ``host_timesteps``: the scheduler's timesteps on the host, so no step waits for the GPU
     (``None`` takes the preset's choice).
     ``fp8_linear``: the transformers' Linear layers in e4m3 (Ada/Hopper; changes numerics).
