@@ -104,9 +104,10 @@ def wait_state(run_id: Any, want: Any, timeout: float = 300) -> Any:
 
 
 def start_watcher(settings: Settings) -> tuple[Any, threading.Event, Any]:
+    from flows.generate import hand_over_render
     from infra.watch.run import build_watcher
 
-    watcher, close = build_watcher(settings)
+    watcher, close = build_watcher(settings, hand_over=hand_over_render)
     stop = threading.Event()
     threading.Thread(target=watcher.run, args=(stop,), daemon=True).start()
     return watcher, stop, close

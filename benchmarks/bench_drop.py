@@ -112,12 +112,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         summary["flow_command"] = _flow_command()
         summary["flow_forkserver"] = Settings().flow_forkserver
         summary["flow_worker_events"] = Settings().flow_worker_events
+        summary["early_render"] = Settings().early_render
         started = time.time()
         start_workers(sup, "i2vflow", gpus[:1], summary["flow_forkserver"])
         summary["first_gpu_worker_ready_s"] = _wait_ready(sup, 1, args.ready_timeout) - started
+        from flows.generate import hand_over_render
         from infra.watch.run import build_watcher
 
-        watcher, close = build_watcher(Settings(inbox=str(inbox), outbox=str(outbox), state_dir=state, model=model))
+        watcher, close = build_watcher(Settings(inbox=str(inbox), outbox=str(outbox), state_dir=state, model=model),
+                                       hand_over=hand_over_render)
         stop = threading.Event()
         threading.Thread(target=watcher.run, args=(stop,), daemon=True).start()
         spec = _spec(args)
@@ -264,6 +267,7 @@ def _one_job(stem: str, spec: dict[str, Any], inbox: Path, outbox: Path, watcher
     return {
         "drop_to_detected_s": round(detected - dropped, 3),
         "drop_to_run_created_s": round(run.created.timestamp() - dropped, 3),
+        "drop_to_render_task_start_s": round(render_task_run(run.id).start_time.timestamp() - dropped, 3),
         "drop_to_video_s": round(data["at"] - dropped, 3),
         "render_s": render,
         "overhead_s": round(data["at"] - dropped - render, 3),
@@ -273,7 +277,7 @@ def _one_job(stem: str, spec: dict[str, Any], inbox: Path, outbox: Path, watcher
     }
 
 
-def _phases(run: Any, sidecar: dict[str, Any]) -> dict[str, float]:
+def _phases(run: Any, sidecar: dict[str, Any]) -> dict[str, Any]:
     """Where a lone job's time goes after its flow run exists, from the run's and its task runs'
     own timestamps: waiting for a process worker and a fresh flow-run process, the flow's steps,
     the hand-over to the GPU worker, and what follows the render."""
@@ -289,6 +293,8 @@ def _phases(run: Any, sidecar: dict[str, Any]) -> dict[str, float]:
         "run_created_to_flow_start": gap(run.created, run.start_time),
         "run_created_to_pending": gap(run.created, pending),  # a flow worker noticed and claimed it
         "pending_to_flow_start": gap(pending, run.start_time),  # its process started, the engine began
+        # Negative where the watcher handed the render over before the flow run existed.
+        "render_handed_over": render.flow_run_id is None,
         "flow_start_to_render_submitted": gap(run.start_time, render.created),
         "load_inputs": sidecar["timings_seconds"]["load_inputs"],  # inside the above: the flow's first task
         "render_submitted_to_task_start": gap(render.created, render.start_time),

@@ -182,6 +182,7 @@ def drop_all(inbox: str, s3: S3Server | None, count: int, trickle: bool, spec: d
 
 def run(work: Path, args: argparse.Namespace, deployment: str, server_usage: Usage, s3: S3Server | None = None,
         s3_usage: Usage | None = None) -> dict[str, Any]:
+    from flows.generate import hand_over_render
     from infra.store import open_store
     from infra.watch.run import build_watcher
 
@@ -190,7 +191,8 @@ def run(work: Path, args: argparse.Namespace, deployment: str, server_usage: Usa
     Path(work / "inbox").mkdir(parents=True, exist_ok=True)
     settings = Settings(inbox=inbox, outbox=outbox, state_dir=work / "state", deployment=deployment, metrics_port=0,
                         **(s3.settings_kwargs() if s3 else {}))
-    watcher, close = build_watcher(settings)
+    # Without --render no GPU worker would take a handed-over render.
+    watcher, close = build_watcher(settings, hand_over=hand_over_render if args.render else None)
     usages = [Usage(os.getpid(), tree=False), server_usage, *([s3_usage] if s3_usage else [])]
     for usage in usages:
         if not usage.is_alive():

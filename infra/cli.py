@@ -97,9 +97,10 @@ def watch() -> None:
 def _watch(stop: threading.Event, supervisor: object | None = None) -> None:
     import structlog
 
+    from flows.generate import hand_over_render
     from infra.watch.run import build_watcher
 
-    watcher, closer = build_watcher()
+    watcher, closer = build_watcher(hand_over=hand_over_render)
     thread = threading.Thread(target=watcher.run, args=(stop,), name="watcher", daemon=True)
     thread.start()
     poller = _watcher_metrics(watcher)

@@ -49,6 +49,22 @@ class JobTicket(BaseModel):
         return f"{self.stem}{suffix}"
 
 
+class RenderHandover(BaseModel):
+    """A render the watcher handed to the GPU worker when it submitted the job (``early_render``).
+
+    Why: a lone job's flow run takes ~1-1.5 s to be claimed, forked and started and to validate
+    its inputs; the render need not wait for that. The flow awaits this task run instead of
+    submitting its own, and only if its own validated job has the same ``job_digest``. The task
+    run is not nested in the flow run: Prefect runs a flow run's task runs only while the flow
+    run is Running, which is what the hand-over is there not to wait for.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    task_run_id: str
+    job_digest: str
+
+
 def make_job_id(route: str, stem: str, image_sha256: str | None, spec_sha256: str | None,
                 defaults: list[tuple[str, str]]) -> str:
     """Content identity: same inbox and outbox (``route``), same name, same bytes, same defaults

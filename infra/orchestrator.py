@@ -15,7 +15,7 @@ from uuid import UUID
 
 from prefect.events import emit_event
 
-from infra.jobs import JobTicket
+from infra.jobs import JobTicket, RenderHandover
 
 
 class RunSubmitter:
@@ -32,8 +32,14 @@ class RunSubmitter:
         self._client: Any = None
         self._deployment_id: UUID | None = None
 
-    def submit(self, ticket: JobTicket, source_kind: str, model: str) -> str:
-        """Create (or, for a known job id, find) the job's flow run; return its id."""
+    def submit(self, ticket: JobTicket, source_kind: str, model: str,
+               handover: RenderHandover | None = None) -> tuple[str, bool]:
+        """Create (or, for a known job id, find) the job's flow run. Returns its id and whether
+        it carries ``handover``: False when the run existed already with another (or none), so
+        the render just handed over is a duplicate the caller must cancel."""
+        parameters: dict[str, Any] = {"ticket": ticket.model_dump(mode="json")}
+        if handover is not None:
+            parameters["handover"] = handover.model_dump(mode="json")
         try:
             if self._client is None:
                 from prefect import get_client
@@ -42,7 +48,7 @@ class RunSubmitter:
                 self._deployment_id = self._client.read_deployment_by_name(self.deployment).id
             flow_run = self._client.create_flow_run_from_deployment(
                 self._deployment_id,
-                parameters={"ticket": ticket.model_dump(mode="json")},
+                parameters=parameters,
                 name=ticket.run_name,
                 tags=[f"source:{source_kind}", f"model:{model}"],
                 idempotency_key=ticket.job_id,
@@ -50,7 +56,7 @@ class RunSubmitter:
         except Exception:
             self.close()
             raise
-        return str(flow_run.id)
+        return str(flow_run.id), flow_run.parameters.get("handover") == parameters.get("handover")
 
     def close(self) -> None:
         if self._client is not None:
@@ -86,6 +92,17 @@ def read_run_states(flow_run_ids: list[str]) -> dict[str, tuple[str, str]]:
                 state = run.state
                 found[str(run.id)] = (state.type.value if state else "UNKNOWN", (state.message or "") if state else "")
     return found
+
+
+def cancel_task_run(task_run_id: str, reason: str) -> None:
+    """Mark a handed-over render that no flow will await as Cancelled (the flow validated the job
+    differently, or the job's run came from a watcher that hands nothing over). Best effort: a
+    GPU worker that already holds it may still render it; no video is made from it."""
+    from prefect import get_client
+    from prefect.states import Cancelled
+
+    with get_client(sync_client=True) as client:
+        client.set_task_run_state(task_run_id, Cancelled(message=reason), force=True)
 
 
 def reschedule_run(flow_run_id: str, reason: str) -> None:

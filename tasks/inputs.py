@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict
 
 from infra.images import decode_image, upright_rgb
 from infra.jobs import IMAGE_SUFFIXES, JobTicket
-from infra.settings import get_settings
+from infra.settings import Settings, get_settings
 from infra.spec import BadInputError, JobSpec, bad_input, derive_seed, resolve_spec
 from infra.store import open_store
 from infra.store.base import Store
@@ -44,6 +44,11 @@ class PreparedJob(BaseModel):
     model: str
     image_sha256: str
     spec_sha256: str | None
+
+    def digest(self) -> str:
+        """What the render depends on, as a hash (the image by its sha256): a render handed over
+        at detection is awaited only when the flow's own validation gives the same digest."""
+        return hashlib.sha256(self.model_dump_json(exclude={"image_file"}).encode()).hexdigest()
 
     def rgb_image(self) -> Image.Image:
         """The image as the renderer takes it, the same pixels decode_image gave."""
@@ -90,9 +95,14 @@ def _model_not_offered(ticket: JobTicket, model: str, service_model: str, offere
 @task(name="load-inputs", retries=4, retry_delay_seconds=[2, 10, 30, 60],
       retry_condition_fn=lambda task, run, state: not _is_final(state))
 def load_inputs(ticket: JobTicket, overrides: dict[str, Any] | None = None) -> PreparedJob:
+    """The job, validated with this process's settings (see ``prepare_job``)."""
+    return prepare_job(ticket, get_settings(), overrides)
+
+
+def prepare_job(ticket: JobTicket, settings: Settings, overrides: dict[str, Any] | None = None) -> PreparedJob:
     """1. read spec layers, 2. validate the spec, 3. read and check the image, 4. pick size and seed.
-    ``overrides`` (campaigns) replace spec fields after validation; ``{prompt}`` is the original."""
-    settings = get_settings()
+    ``overrides`` (campaigns) replace spec fields after validation; ``{prompt}`` is the original.
+    The watcher calls it too, to hand a render over at detection (``flows.generate.hand_over_render``)."""
     inbox = open_store(ticket.inbox, settings)
     if ticket.missing == "spec":
         raise _missing_spec(ticket)

@@ -75,8 +75,11 @@ def build_sidecar(ticket: JobTicket, job: PreparedJob, rendered: RenderedVideo,
         "engine": {k: engine[k] for k in ("device", "dtype", "memory_mode", "pid", "model_loads_in_process",
                                           "oom_fallback_used", "speed", "steps_run")},
         # url_for gives the UI's current /runs/flow-run/<id> path (runtime.flow_run.ui_url is stale).
+        # The render's task run is not nested under the flow run when the watcher handed it over.
         "prefect": {"flow_run_id": runtime.flow_run.id,
-                    "flow_run_url": url_for("flow-run", obj_id=runtime.flow_run.id)},
+                    "flow_run_url": url_for("flow-run", obj_id=runtime.flow_run.id),
+                    "render_task_run_id": engine["task_run_id"],
+                    "render_task_run_url": url_for("task-run", obj_id=engine["task_run_id"])},
     }
 
 

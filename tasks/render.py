@@ -161,7 +161,8 @@ def render_video(job: PreparedJob) -> RenderedVideo:
         started = time.perf_counter()
         video = encode_mp4_bytes(result.frames, spec.fps)
     account = {k: v for k, v in vars(result).items() if k != "frames"}
-    return RenderedVideo(video=video, engine={**account, "encode_seconds": round(time.perf_counter() - started, 3)})
+    return RenderedVideo(video=video, engine={**account, "encode_seconds": round(time.perf_counter() - started, 3),
+                                              "task_run_id": str(task_run.id)})
 
 
 def _render(engine: Any, job: PreparedJob, spec: Any) -> Any:
@@ -172,3 +173,38 @@ def _render(engine: Any, job: PreparedJob, spec: Any) -> Any:
         num_frames=spec.num_frames, fps=spec.fps, steps=spec.steps, guidance_scale=spec.guidance_scale,
         width=job.width, height=job.height, seed=job.seed, model=job.model,
     ))
+
+
+def defer_render(job: PreparedJob, key: str) -> str:
+    """Hand ``job``'s render to the GPU workers under ``key``; return its task run's id.
+
+    What ``render_video.delay(job)`` does (Prefect 3.9's ``Task.create_run`` for a deferred run,
+    outside a flow: parameters to the task-scheduling storage, a Scheduled run the server queues
+    for a task worker), except that the dynamic key is ``key`` instead of a random one. Prefect's
+    server keeps one flow-less run per (task, dynamic key) and returns the existing run for a
+    known key without queueing it again: two watchers handing over one job get one render.
+    """
+    from uuid import uuid4
+
+    from prefect import get_client
+    from prefect.context import serialize_context
+    from prefect.results import ResultStore, get_or_create_default_task_scheduling_storage
+    from prefect.states import Scheduled
+    from prefect.task_worker import store_parameters
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    async def create() -> Any:
+        state = Scheduled()
+        state.state_details.deferred = True
+        state.state_details.task_parameters_id = uuid4()
+        storage = await get_or_create_default_task_scheduling_storage()
+        store = await ResultStore(result_storage=storage).aupdate_for_task(render_video)
+        await store_parameters(store, state.state_details.task_parameters_id,
+                               {"context": serialize_context(), "parameters": {"job": job}})
+        async with get_client() as client:
+            return await client.create_task_run(task=render_video, flow_run_id=None, dynamic_key=key,
+                                                name=f"render-video-{job.stem.rsplit('/', 1)[-1]}",
+                                                extra_tags=[f"model:{job.model}"], state=state,
+                                                task_inputs={"job": []})
+
+    return str(run_coro_as_sync(create()).id)

@@ -36,12 +36,21 @@ def tiny_model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def prefect_api() -> Iterator[str]:
+def prefect_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Prefect's result storage, shared by this process (its watchers hand renders over) and the
+    service's processes, as `i2vflow up` shares it."""
+    return tmp_path_factory.mktemp("prefect-results")
+
+
+@pytest.fixture(scope="session")
+def prefect_api(prefect_results: Path) -> Iterator[str]:
     """A real Prefect server (SQLite in a temp dir) for the whole session."""
-    from prefect.settings import PREFECT_API_URL
+    from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120):
+    # Entered first: the harness makes the settings it starts with global, so watcher threads see them.
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: prefect_results}), \
+            prefect_test_harness(server_startup_timeout=120):
         yield str(PREFECT_API_URL.value())
 
 
@@ -89,8 +98,8 @@ class Service:
 
 
 @pytest.fixture(scope="session")
-def service(prefect_api: str, tiny_model_cache: Path, tmp_path_factory: pytest.TempPathFactory,
-            s3_server: S3Server) -> Iterator[Service]:
+def service(prefect_api: str, prefect_results: Path, tiny_model_cache: Path,
+            tmp_path_factory: pytest.TempPathFactory, s3_server: S3Server) -> Iterator[Service]:
     """Deploy prefect.yaml and start the same workers `i2vflow up` starts (they reach the
     session's S3 server too, so tickets with s3:// inboxes and outboxes work)."""
     from infra.service import Supervisor, apply_deployments, prefect_env, start_workers
@@ -107,6 +116,7 @@ def service(prefect_api: str, tiny_model_cache: Path, tmp_path_factory: pytest.T
         "I2VFLOW_S3_ACCESS_KEY": s3_server.access_key,
         "I2VFLOW_S3_SECRET_KEY": s3_server.secret_key,
         "I2VFLOW_GPU_WORKER_METRICS_PORT": str(free_port()),  # scraped in tests
+        "PREFECT_LOCAL_STORAGE_PATH": str(prefect_results),
     })
     supervisor = Supervisor(env=env, log_dir=state / "logs")
     # A flow run silent 45 s is crashed by Prefect (heartbeats every 30 s; 90 s default).
@@ -133,15 +143,17 @@ class RunningWatcher:
 @pytest.fixture
 def start_watcher(service: Service, tmp_path: Path) -> Iterator[object]:
     """Start watchers in threads of this process; all are stopped after the test."""
+    from flows.generate import hand_over_render
     from infra.settings import Settings
     from infra.watch.run import build_watcher
 
     running: list[RunningWatcher] = []
 
-    def start(inbox: Path, outbox: Path, state_dir: Path | None = None, **overrides: object) -> RunningWatcher:
+    def start(inbox: Path, outbox: Path, state_dir: Path | None = None, hand_over: object = hand_over_render,
+              **overrides: object) -> RunningWatcher:
         settings = Settings(inbox=str(inbox), outbox=str(outbox), state_dir=state_dir or tmp_path / "state",
                             rescan_seconds=1.0, settle_seconds=0.3, **overrides)
-        watcher, close = build_watcher(settings)
+        watcher, close = build_watcher(settings, hand_over=hand_over)  # type: ignore[arg-type]
         stop = threading.Event()
         thread = threading.Thread(target=watcher.run, args=(stop,), daemon=True)
         thread.start()

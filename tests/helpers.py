@@ -77,13 +77,20 @@ def flow_runs_named(names: list[str]) -> list[Any]:
 
 
 def render_task_run(flow_run_id: Any) -> Any:
-    """The last render-video task run a flow run submitted (earlier ones lost their worker)."""
+    """The render-video task run a flow run awaits: the last one it submitted itself (earlier
+    ones lost their worker), else the one the watcher handed over at detection. ValueError: none yet."""
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return max((run for run in runs if run.name.startswith("render-video")), key=lambda run: run.created)
+        own = [run for run in runs if run.name.startswith("render-video")]
+        if own:
+            return max(own, key=lambda run: run.created)
+        handover = (client.read_flow_run(flow_run_id).parameters or {}).get("handover")
+        if handover is None:
+            raise ValueError(f"flow run {flow_run_id} has no render task run yet")
+        return client.read_task_run(handover["task_run_id"])
 
 
 def wait_for_scans(*watchers: Any, count: int = 3, timeout: float = 90) -> None:
@@ -92,3 +99,25 @@ def wait_for_scans(*watchers: Any, count: int = 3, timeout: float = 90) -> None:
     targets = [(watcher, watcher.scans + count) for watcher in watchers]
     wait_for(lambda: all(watcher.scans >= target for watcher, target in targets), timeout=timeout,
              interval=0.1, what=f"{count} completed looks of each watcher")
+
+
+def structlog_events_in_prefect(flow_run_id: str, render_task_run_id: str | None = None) -> list[str]:
+    """The i2vflow JSON log lines that reached the run's (and a handed-over render's) logs on the server."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId, LogFilterTaskRunId
+
+    def events() -> list[str]:
+        with get_client(sync_client=True) as client:
+            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+            if render_task_run_id:
+                logs += client.read_logs(log_filter=LogFilter(
+                    task_run_id=LogFilterTaskRunId(any_=[render_task_run_id])))
+        found = []
+        for log in logs:
+            if log.name.startswith("i2vflow") and log.message.startswith("{"):
+                record = json.loads(log.message)
+                found.append(record["event"])
+        return found
+
+    wanted = {"job.done", "render.done", "video.published"} | ({"render.handed_over"} if render_task_run_id else set())
+    return wait_for(lambda: (e := events()) and wanted <= set(e) and e, timeout=60, what="logs in Prefect")

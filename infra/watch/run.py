@@ -12,10 +12,10 @@ from pathlib import Path
 
 import structlog
 
-from infra.jobs import JobTicket
+from infra.jobs import JobTicket, RenderHandover
 from infra.ledger import Ledger
 from infra.logging import configure_logging
-from infra.orchestrator import RunSubmitter, emit_job_event, read_run_states, reschedule_run
+from infra.orchestrator import RunSubmitter, cancel_task_run, emit_job_event, read_run_states, reschedule_run
 from infra.settings import Settings, get_settings
 from infra.store import Store, StoreError, open_store, s3_credentials
 from infra.store.bucket import BucketStore, make_client
@@ -25,14 +25,22 @@ from infra.watch.reconcile import Finding, findings_markdown, reconcile
 from infra.watch.service import Watcher
 from infra.watch.webhook import WebhookServer
 
+log = structlog.get_logger("i2vflow.watcher")
+
 
 def _location(raw: str) -> str:
     """Folders become absolute paths: the flow may run from another working directory."""
     return raw if raw.startswith("s3://") else str(Path(raw).resolve())
 
 
-def build_watcher(settings: Settings | None = None) -> tuple[Watcher, Callable[[], None]]:
-    """A ready watcher and a function that releases what it holds."""
+HandOver = Callable[[JobTicket, Settings], RenderHandover | None]
+
+
+def build_watcher(settings: Settings | None = None,
+                  hand_over: HandOver | None = None) -> tuple[Watcher, Callable[[], None]]:
+    """A ready watcher and a function that releases what it holds. ``hand_over`` (the CLI passes
+    ``flows.generate.hand_over_render``; infra imports no flows) starts a job's render as its run
+    is submitted, where ``early_render`` is on."""
     settings = settings or get_settings()
     configure_logging(settings.resolved_log_file)
     inbox_location, outbox_location = _location(settings.inbox), _location(settings.outbox)
@@ -42,9 +50,10 @@ def build_watcher(settings: Settings | None = None) -> tuple[Watcher, Callable[[
     kind = "bucket" if inbox_location.startswith("s3://") else "folder"
 
     submitter = RunSubmitter(settings.deployment)
+    early = hand_over if settings.early_render else None
 
     def submit(ticket: JobTicket, model: str) -> str:
-        return submitter.submit(ticket, kind, model)
+        return _submit(submitter, ticket, kind, model, early, settings)
 
     def notify(event: str, ticket: JobTicket) -> None:
         emit_job_event(event, ticket)
@@ -67,7 +76,7 @@ def build_watcher(settings: Settings | None = None) -> tuple[Watcher, Callable[[
     watcher.reconcile = lambda: _reconcile(ledger, outbox, settings.max_reschedules)
     watcher.server_back = _server_probe()
     watcher.hint_sources = hints
-    structlog.get_logger("i2vflow.watcher").info(
+    log.info(
         "watcher.started", inbox=inbox.describe(), outbox=outbox_location, source=kind,
         model=settings.model, rescan_seconds=watch_settings.rescan_seconds)
     lock = threading.Lock()
@@ -78,6 +87,35 @@ def build_watcher(settings: Settings | None = None) -> tuple[Watcher, Callable[[
                 closers.pop(0)()
 
     return watcher, close
+
+
+def _submit(submitter: RunSubmitter, ticket: JobTicket, kind: str, model: str,
+            hand_over: HandOver | None, settings: Settings) -> str:
+    """Hand the render over (if asked), then create the flow run that awaits it. A hand-over the
+    run does not carry (the job had a run already, from a restart or another watcher) or one
+    whose run could not be created is cancelled: one render per job."""
+    handover = None
+    if hand_over is not None:
+        try:
+            handover = hand_over(ticket, settings)
+        except Exception as exc:  # the flow submits the render itself
+            log.warning("render.handover_failed", job_id=ticket.job_id, error=repr(exc)[:500])
+    try:
+        flow_run_id, carried = submitter.submit(ticket, kind, model, handover)
+    except Exception:
+        if handover is not None:
+            _cancel_quietly(handover, "its flow run could not be created")
+        raise
+    if handover is not None and not carried:
+        _cancel_quietly(handover, f"the job already has flow run {flow_run_id}")
+    return flow_run_id
+
+
+def _cancel_quietly(handover: RenderHandover, reason: str) -> None:
+    try:
+        cancel_task_run(handover.task_run_id, reason)
+    except Exception as exc:
+        log.warning("render.handover_cancel_failed", task_run_id=handover.task_run_id, error=repr(exc)[:500])
 
 
 def _server_probe() -> Callable[[], bool] | None:

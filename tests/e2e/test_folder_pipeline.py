@@ -17,6 +17,8 @@ from tests.helpers import (
     flow_runs_named,
     png_bytes,
     png_claiming_size,
+    render_task_run,
+    structlog_events_in_prefect,
     tree_digest,
     wait_for,
     wait_for_scans,
@@ -51,27 +53,11 @@ def test_drop_gives_video_and_sidecar(start_watcher, tmp_path: Path) -> None:
     assert len(runs) == 1 and str(runs[0].id) == sidecar["prefect"]["flow_run_id"]
     assert {"source:folder", "model:tiny"} <= set(runs[0].tags)
     assert sidecar["prefect"]["flow_run_url"].endswith(f"/runs/flow-run/{sidecar['prefect']['flow_run_id']}")
-    events = _structlog_events_in_prefect(sidecar["prefect"]["flow_run_id"])
+    # The render's logs are in its own task run; by default that is a task run of the flow run.
+    assert render_task_run(sidecar["prefect"]["flow_run_id"]).flow_run_id == runs[0].id
+    events = structlog_events_in_prefect(sidecar["prefect"]["flow_run_id"])
     assert {"job.done", "render.done", "video.published"} <= set(events), events
 
-
-def _structlog_events_in_prefect(flow_run_id: str) -> list[str]:
-    """The i2vflow JSON log lines that reached the run's logs on the Prefect server."""
-    from prefect import get_client
-    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-
-    def events() -> list[str]:
-        with get_client(sync_client=True) as client:
-            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
-        found = []
-        for log in logs:
-            if log.name.startswith("i2vflow") and log.message.startswith("{"):
-                record = json.loads(log.message)
-                found.append(record["event"])
-        return found
-
-    wanted = {"job.done", "render.done", "video.published"}
-    return wait_for(lambda: (e := events()) and wanted <= set(e) and e, timeout=60, what="logs in Prefect")
 
 
 def test_names_subfolders_defaults_and_either_order(start_watcher, tmp_path: Path) -> None:
