@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         summary["flow_forkserver"] = Settings().flow_forkserver
         summary["flow_worker_events"] = Settings().flow_worker_events
         summary["early_render"] = Settings().early_render
+        summary["sqlite_queued_writes"] = Settings().sqlite_queued_writes
         started = time.time()
         start_workers(sup, "i2vflow", gpus[:1], summary["flow_forkserver"])
         summary["first_gpu_worker_ready_s"] = _wait_ready(sup, 1, args.ready_timeout) - started

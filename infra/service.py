@@ -112,7 +112,7 @@ def start_prefect_server(sup: Supervisor, port: int, progress: Progress, timeout
     if api_healthy(api_url):
         progress(f"reusing the Prefect server already answering at {api_url}")
         return api_url
-    sup.start("prefect-server", [sys.executable, "-m", "prefect", "server", "start",
+    sup.start("prefect-server", [sys.executable, "-m", "infra.prefectserver",
                                  "--host", "127.0.0.1", "--port", str(port)])
     deadline = time.monotonic() + timeout
     while not api_healthy(api_url):

@@ -70,13 +70,16 @@ class Settings(BaseSettings):
                                      "the server's event stream announces one in its pool (infra/flowworker.py), not "
                                      "only at its next poll. false: poll only (an API proxy that does not pass "
                                      "websockets).")
-    early_render: bool = Field(False, description="The watcher validates a job's inputs as the flow will and hands "
+    sqlite_queued_writes: bool = Field(True, description="The Prefect server `up` starts on SQLite begins its write "
+                                       "transactions IMMEDIATE, so concurrent writers wait their turn instead of "
+                                       "failing with 'database is locked' and a 2 s client retry "
+                                       "(infra/prefectserver.py). false: Prefect's own DEFERRED transactions.")
+    early_render: bool = Field(True, description="The watcher validates a job's inputs as the flow will and hands "
                                "its render to the GPU worker when it submits the job, so the render starts while "
                                "the flow run is still being claimed and started; the flow awaits it (a lone job's "
-                               "overhead 1.09 -> 0.36 s on the CPU box). Off by default: on the embedded SQLite "
-                               "server the render's start and the run's creation collide, and 3 of 5 lone jobs on "
-                               "an H200 waited 2 s on a retried 'database is locked' (docs/performance.md); for a "
-                               "server on PostgreSQL.")
+                               "overhead over its render 1.76 -> 0.58 s on an H100). false: the flow submits the "
+                               "render after its own validation. On a Prefect server on SQLite that `up` did not "
+                               "start, the render's start and the run's creation can collide: 2 s client retries.")
     gpu_workers: int = Field(0, ge=0, description="GPU task workers `up` starts, one per card, each bound to "
                              "it; 0: one per visible CUDA device (one on a host without CUDA).")
     render_timeout_seconds: float = Field(1800.0, gt=0)

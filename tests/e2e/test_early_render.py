@@ -68,7 +68,7 @@ def _unqueued_render(state: Any) -> str:
 def test_the_flow_awaits_the_render_the_watcher_handed_over(start_watcher, tmp_path: Path) -> None:
     inbox, outbox, since = tmp_path / "inbox", tmp_path / "outbox", datetime.now(UTC)
     drop(inbox, "kite", {"prompt": "a kite on a windy beach", **FAST_SPEC}, png_bytes(color=(30, 90, 200)))
-    first = start_watcher(inbox, outbox, tmp_path / "state", early_render=True)
+    first = start_watcher(inbox, outbox, tmp_path / "state")
     sidecar = _sidecar(outbox, "kite")
     run = _flow_run(sidecar["prefect"]["flow_run_id"])
     handover = run.parameters["handover"]
@@ -85,17 +85,28 @@ def test_the_flow_awaits_the_render_the_watcher_handed_over(start_watcher, tmp_p
     # A second watcher with a ledger of its own (and this one restarted) find the job again:
     # the same render and the same flow run come back, nothing renders twice.
     first.stop()
-    second = start_watcher(inbox, outbox, tmp_path / "other-state", early_render=True)
-    restarted = start_watcher(inbox, outbox, tmp_path / "state", early_render=True)
+    second = start_watcher(inbox, outbox, tmp_path / "other-state")
+    restarted = start_watcher(inbox, outbox, tmp_path / "state")
     wait_for_scans(second.watcher, restarted.watcher)
     assert second.watcher.ledger.get(sidecar["job_id"]).flow_run_id == str(run.id)
     assert [r.id for r in _renders_named("kite", since)] == [render.id]
 
 
+def test_with_early_render_off_the_flow_submits_the_render_itself(start_watcher, tmp_path: Path) -> None:
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    drop(inbox, "late", {"prompt": "the flow's own render", **FAST_SPEC}, png_bytes(color=(200, 200, 30)))
+    start_watcher(inbox, outbox, early_render=False)
+    sidecar = _sidecar(outbox, "late")
+    run = _flow_run(sidecar["prefect"]["flow_run_id"])
+    assert "handover" not in run.parameters
+    assert str(_task_run(sidecar["prefect"]["render_task_run_id"]).flow_run_id) == str(run.id)  # nested in the run
+    structlog_events_in_prefect(str(run.id))  # render.done among the flow run's own logs
+
+
 def test_bad_input_is_not_handed_over(start_watcher, tmp_path: Path) -> None:
     inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
     drop(inbox, "wrong", {"prompt": "p", "steps": -3}, png_bytes())
-    start_watcher(inbox, outbox, early_render=True)
+    start_watcher(inbox, outbox)
     report = outbox / "wrong.error.json"
     wait_for(report.exists, timeout=120, what="the error report")
     flow_run_id = json.loads(report.read_text())["flow_run_id"]
@@ -113,7 +124,7 @@ def test_a_lost_handover_is_rendered_by_the_flow(start_watcher, tmp_path: Path) 
         return RenderHandover(task_run_id=lost[0], job_digest=prepare_job(ticket, settings).digest())
 
     drop(inbox, "lost", {"prompt": "a crashed render", **FAST_SPEC}, png_bytes(color=(120, 20, 20)))
-    start_watcher(inbox, outbox, hand_over=hand_over_a_lost_render, early_render=True)
+    start_watcher(inbox, outbox, hand_over=hand_over_a_lost_render)
     sidecar = _sidecar(outbox, "lost")
     own = _task_run(sidecar["prefect"]["render_task_run_id"])
     assert own.flow_run_id is not None and str(own.flow_run_id) == sidecar["prefect"]["flow_run_id"]
@@ -133,7 +144,7 @@ def test_a_handover_of_another_job_is_cancelled_and_the_flow_renders_its_own(sta
         return RenderHandover(task_run_id=stranger[0], job_digest="0" * 64)  # validated other settings
 
     drop(inbox, "other", {"prompt": "not what the watcher saw", **FAST_SPEC}, png_bytes(color=(20, 120, 20)))
-    start_watcher(inbox, outbox, hand_over=hand_over_another_job, early_render=True)
+    start_watcher(inbox, outbox, hand_over=hand_over_another_job)
     sidecar = _sidecar(outbox, "other")
     assert sidecar["prefect"]["render_task_run_id"] != stranger[0]
     wait_for(lambda: _task_run(stranger[0]).state.is_cancelled(), timeout=30, what="the stranger cancelled")

@@ -17,7 +17,6 @@ from tests.helpers import (
     flow_runs_named,
     png_bytes,
     png_claiming_size,
-    render_task_run,
     structlog_events_in_prefect,
     tree_digest,
     wait_for,
@@ -53,10 +52,9 @@ def test_drop_gives_video_and_sidecar(start_watcher, tmp_path: Path) -> None:
     assert len(runs) == 1 and str(runs[0].id) == sidecar["prefect"]["flow_run_id"]
     assert {"source:folder", "model:tiny"} <= set(runs[0].tags)
     assert sidecar["prefect"]["flow_run_url"].endswith(f"/runs/flow-run/{sidecar['prefect']['flow_run_id']}")
-    # The render's logs are in its own task run; by default that is a task run of the flow run.
-    assert render_task_run(sidecar["prefect"]["flow_run_id"]).flow_run_id == runs[0].id
-    events = structlog_events_in_prefect(sidecar["prefect"]["flow_run_id"])
-    assert {"job.done", "render.done", "video.published"} <= set(events), events
+    # The render was handed over at detection: its logs are its own task run's, which the flow's name.
+    events = structlog_events_in_prefect(sidecar["prefect"]["flow_run_id"], sidecar["prefect"]["render_task_run_id"])
+    assert {"job.done", "render.handed_over", "render.done", "video.published"} <= set(events), events
 
 
 
