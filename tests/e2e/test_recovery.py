@@ -32,16 +32,20 @@ def _ledger_states(state_dir: Path) -> dict[str, str]:
             return {}
 
 
-def _rendering(run_name_prefix: str) -> set[str]:
-    """Render task runs a GPU worker's heartbeat claims, Running, for flow runs named so."""
+def _rendering(stem: str) -> set[str]:
+    """Render task runs a GPU worker's heartbeat claims, Running, for the job ``stem``: handed over
+    at detection (named after the input) or submitted by its flow run (named ``stem-<job id>``)."""
     from prefect import get_client
 
     found = set()
     with get_client(sync_client=True) as client:
         for task_run_id in claimed_task_runs(stale_after=10):
             task_run = client.read_task_run(task_run_id)
-            running = bool(task_run.state and task_run.state.is_running() and task_run.flow_run_id)
-            if running and client.read_flow_run(task_run.flow_run_id).name.startswith(run_name_prefix):
+            if not (task_run.state and task_run.state.is_running()):
+                continue
+            handed_over = task_run.flow_run_id is None and task_run.name == f"render-video-{stem}"
+            if handed_over or (task_run.flow_run_id
+                               and client.read_flow_run(task_run.flow_run_id).name.startswith(f"{stem}-")):
                 found.add(task_run_id)
     return found
 
@@ -59,7 +63,7 @@ def test_gpu_worker_killed_mid_render_is_resubmitted_and_finishes(service, start
     drop(inbox, "long", slow, png_bytes())
     start_watcher(inbox, outbox)
     old_pid = service.supervisor.children["gpu-worker"].pid
-    orphan = wait_for(lambda: _rendering("long-"), timeout=120, interval=0.5,
+    orphan = wait_for(lambda: _rendering("long"), timeout=120, interval=0.5,
                       what="the GPU worker to start rendering this job")
     service.supervisor.stop("gpu-worker", sig=signal.SIGKILL)
     killed_at = time.monotonic()
