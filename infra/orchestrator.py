@@ -33,10 +33,10 @@ class RunSubmitter:
         self._deployment_id: UUID | None = None
 
     def submit(self, ticket: JobTicket, source_kind: str, model: str,
-               handover: RenderHandover | None = None) -> tuple[str, bool]:
-        """Create (or, for a known job id, find) the job's flow run. Returns its id and whether
-        it carries ``handover``: False when the run existed already with another (or none), so
-        the render just handed over is a duplicate the caller must cancel."""
+               handover: RenderHandover | None = None) -> tuple[str, str | None]:
+        """Create (or, for a known job id, find) the job's flow run. Returns its id and the id of
+        the handed-over render it awaits: for a run that existed already, the one it was created
+        with (a render keyed by the job, so the same one; or none)."""
         parameters: dict[str, Any] = {"ticket": ticket.model_dump(mode="json")}
         if handover is not None:
             parameters["handover"] = handover.model_dump(mode="json")
@@ -56,7 +56,8 @@ class RunSubmitter:
         except Exception:
             self.close()
             raise
-        return str(flow_run.id), flow_run.parameters.get("handover") == parameters.get("handover")
+        awaited = (flow_run.parameters.get("handover") or {}).get("task_run_id")
+        return str(flow_run.id), awaited
 
     def close(self) -> None:
         if self._client is not None:
@@ -96,8 +97,9 @@ def read_run_states(flow_run_ids: list[str]) -> dict[str, tuple[str, str]]:
 
 def cancel_task_run(task_run_id: str, reason: str) -> None:
     """Mark a handed-over render that no flow will await as Cancelled (the flow validated the job
-    differently, or the job's run came from a watcher that hands nothing over). Best effort: a
-    GPU worker that already holds it may still render it; no video is made from it."""
+    differently or found its input changed, or the job's run came from a watcher that hands
+    nothing over). Best effort: a GPU worker that already holds it may still render it; no video
+    is made from it."""
     from prefect import get_client
     from prefect.states import Cancelled
 

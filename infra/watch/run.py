@@ -91,23 +91,20 @@ def build_watcher(settings: Settings | None = None,
 
 def _submit(submitter: RunSubmitter, ticket: JobTicket, kind: str, model: str,
             hand_over: HandOver | None, settings: Settings) -> str:
-    """Hand the render over (if asked), then create the flow run that awaits it. A hand-over the
-    run does not carry (the job had a run already, from a restart or another watcher) or one
-    whose run could not be created is cancelled: one render per job."""
+    """Hand the render over (if asked), then create the flow run that awaits it. The render is
+    keyed by the job: a restart or another watcher hands over the same one, and so does this
+    watcher's next try where the run could not be created now (the render is kept for it). Only
+    a run that awaits no hand-over (made by a watcher with ``early_render`` off) leaves it
+    unawaited: then it is cancelled."""
     handover = None
     if hand_over is not None:
         try:
             handover = hand_over(ticket, settings)
         except Exception as exc:  # the flow submits the render itself
             log.warning("render.handover_failed", job_id=ticket.job_id, error=repr(exc)[:500])
-    try:
-        flow_run_id, carried = submitter.submit(ticket, kind, model, handover)
-    except Exception:
-        if handover is not None:
-            _cancel_quietly(handover, "its flow run could not be created")
-        raise
-    if handover is not None and not carried:
-        _cancel_quietly(handover, f"the job already has flow run {flow_run_id}")
+    flow_run_id, awaited = submitter.submit(ticket, kind, model, handover)
+    if handover is not None and awaited != handover.task_run_id:
+        _cancel_quietly(handover, f"the job's flow run {flow_run_id} awaits no hand-over")
     return flow_run_id
 
 

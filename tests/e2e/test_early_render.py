@@ -103,6 +103,26 @@ def test_with_early_render_off_the_flow_submits_the_render_itself(start_watcher,
     structlog_events_in_prefect(str(run.id))  # render.done among the flow run's own logs
 
 
+def test_a_hand_over_for_a_run_that_awaits_none_is_cancelled(start_watcher, tmp_path: Path) -> None:
+    from prefect.states import Scheduled
+
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    drop(inbox, "mixed", {"prompt": "two watchers, two settings", **FAST_SPEC}, png_bytes(color=(90, 20, 160)))
+    first = start_watcher(inbox, outbox, tmp_path / "state", early_render=False)
+    sidecar = _sidecar(outbox, "mixed")
+    first.stop()
+    handed: list[str] = []
+
+    def hand_over_unqueued(ticket: JobTicket, settings: Settings) -> RenderHandover | None:
+        handed.append(_unqueued_render(Scheduled()))  # no GPU worker takes it: the outcome is the watcher's
+        return RenderHandover(task_run_id=handed[0], job_digest=prepare_job(ticket, settings).digest())
+
+    second = start_watcher(inbox, outbox, tmp_path / "other-state", hand_over=hand_over_unqueued)
+    wait_for_scans(second.watcher)
+    assert second.watcher.ledger.get(sidecar["job_id"]).flow_run_id == sidecar["prefect"]["flow_run_id"]
+    wait_for(lambda: _task_run(handed[0]).state.is_cancelled(), timeout=30, what="the unawaited hand-over cancelled")
+
+
 def test_bad_input_is_not_handed_over(start_watcher, tmp_path: Path) -> None:
     inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
     drop(inbox, "wrong", {"prompt": "p", "steps": -3}, png_bytes())
