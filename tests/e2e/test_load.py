@@ -1,8 +1,9 @@
 """A flood of drops at once: every job exactly one flow run, none twice, even with a second
 watcher and a restart; the same into a bucket. (Small versions of benchmarks/bench_load.py.)
 
-The runs go to a deployment on a work pool with no worker, so the test measures the watcher
-and the server, not 60 renders on a 2-core CI machine; rendering is covered elsewhere.
+The runs go to a deployment on a work pool with no worker, and the watchers hand no render over
+(nothing would await those renders), so the test measures the watcher and the server, not 60
+renders on a 2-core CI machine; rendering is covered elsewhere.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ def idle_deployment(service) -> str:
 
 def test_a_flood_of_drops_gives_exactly_one_run_per_job(start_watcher, idle_deployment: str, tmp_path: Path) -> None:
     inbox, outbox, state = tmp_path / "inbox", tmp_path / "outbox", tmp_path / "state"
-    first = start_watcher(inbox, outbox, state, deployment=idle_deployment)
-    start_watcher(inbox, outbox, tmp_path / "second-state", deployment=idle_deployment)  # another ledger
+    first = start_watcher(inbox, outbox, state, deployment=idle_deployment, early_render=False)
+    # Another ledger:
+    start_watcher(inbox, outbox, tmp_path / "second-state", deployment=idle_deployment, early_render=False)
     image = png_bytes()
     for index in range(JOBS):
         drop(inbox, f"flood/{index:03d}", {"prompt": f"item {index}"}, image)
@@ -47,7 +49,8 @@ def test_a_flood_of_drops_gives_exactly_one_run_per_job(start_watcher, idle_depl
     print(f"{JOBS} jobs: last drop -> last run created {time.monotonic() - last_drop:.1f} s")
     records = first.watcher.ledger.in_state("submitted")
     first.stop()
-    restarted = start_watcher(inbox, outbox, state, deployment=idle_deployment)  # restart on the same ledger
+    # A restart on the same ledger:
+    restarted = start_watcher(inbox, outbox, state, deployment=idle_deployment, early_render=False)
     wait_for_scans(restarted.watcher)
     names = [f"{index:03d}-{r.ticket.job_id[:6]}" for index, r in
              sorted((int(r.ticket.stem.rsplit("/", 1)[1]), r) for r in records)]
@@ -61,7 +64,7 @@ def test_a_flood_into_a_bucket_gives_exactly_one_run_per_job(start_watcher, idle
     their own ledgers list the bucket (one run per job: the idempotency key)."""
     _, bucket = s3_bucket
     inbox, outbox = f"s3://{bucket}/inbox", f"s3://{bucket}/outbox"
-    s3 = {"deployment": idle_deployment, "poll_seconds": 1.0, **s3_server.settings_kwargs()}
+    s3 = {"deployment": idle_deployment, "early_render": False, "poll_seconds": 1.0, **s3_server.settings_kwargs()}
     watchers = [start_watcher(inbox, outbox, tmp_path / name, **s3) for name in ("state", "second-state")]
     drop_all(inbox, s3_server, BUCKET_JOBS, False, {}, tmp_path / "dropped.json")
     for handle in watchers:
