@@ -129,12 +129,8 @@ def _await_handover(job: PreparedJob, handover: RenderHandover, timeout: float) 
 
 
 def _drop_handover(handover: RenderHandover | None, reason: str) -> None:
-    if handover is None:
-        return
-    try:
+    if handover is not None:
         cancel_task_run(handover.task_run_id, reason)
-    except Exception as exc:  # best effort: an unawaited render wastes GPU time, nothing else
-        structlog.get_logger("i2vflow.flow").warning("render.handover_cancel_failed", error=repr(exc)[:500])
 
 
 def _timed(timings: dict[str, float], name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:

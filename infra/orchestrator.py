@@ -13,6 +13,7 @@ import contextlib
 from typing import Any
 from uuid import UUID
 
+import structlog
 from prefect.events import emit_event
 
 from infra.jobs import JobTicket, RenderHandover
@@ -99,12 +100,16 @@ def cancel_task_run(task_run_id: str, reason: str) -> None:
     """Mark a handed-over render that no flow will await as Cancelled (the flow validated the job
     differently or found its input changed, or the job's run came from a watcher that hands
     nothing over). Best effort: a GPU worker that already holds it may still render it; no video
-    is made from it."""
+    is made from it, and a failure to cancel is logged, not raised (it wastes GPU time, nothing else)."""
     from prefect import get_client
     from prefect.states import Cancelled
 
-    with get_client(sync_client=True) as client:
-        client.set_task_run_state(task_run_id, Cancelled(message=reason), force=True)
+    try:
+        with get_client(sync_client=True) as client:
+            client.set_task_run_state(task_run_id, Cancelled(message=reason), force=True)
+    except Exception as exc:
+        structlog.get_logger("i2vflow.orchestrator").warning("render.cancel_failed", task_run_id=task_run_id,
+                                                              error=repr(exc)[:500])
 
 
 def reschedule_run(flow_run_id: str, reason: str) -> None:

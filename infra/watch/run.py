@@ -104,15 +104,8 @@ def _submit(submitter: RunSubmitter, ticket: JobTicket, kind: str, model: str,
             log.warning("render.handover_failed", job_id=ticket.job_id, error=repr(exc)[:500])
     flow_run_id, awaited = submitter.submit(ticket, kind, model, handover)
     if handover is not None and awaited != handover.task_run_id:
-        _cancel_quietly(handover, f"the job's flow run {flow_run_id} awaits no hand-over")
+        cancel_task_run(handover.task_run_id, f"the job's flow run {flow_run_id} awaits no hand-over")
     return flow_run_id
-
-
-def _cancel_quietly(handover: RenderHandover, reason: str) -> None:
-    try:
-        cancel_task_run(handover.task_run_id, reason)
-    except Exception as exc:
-        log.warning("render.handover_cancel_failed", task_run_id=handover.task_run_id, error=repr(exc)[:500])
 
 
 def _server_probe() -> Callable[[], bool] | None:
