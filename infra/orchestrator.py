@@ -101,12 +101,14 @@ def cancel_task_run(task_run_id: str, reason: str) -> None:
     differently or found its input changed, or the job's run came from a watcher that hands
     nothing over). Best effort: a GPU worker that already holds it may still render it; no video
     is made from it, and a failure to cancel is logged, not raised (it wastes GPU time, nothing else)."""
+    from uuid import UUID
+
     from prefect import get_client
     from prefect.states import Cancelled
 
     try:
         with get_client(sync_client=True) as client:
-            client.set_task_run_state(task_run_id, Cancelled(message=reason), force=True)
+            client.set_task_run_state(UUID(task_run_id), Cancelled(message=reason), force=True)
     except Exception as exc:
         structlog.get_logger("i2vflow.orchestrator").warning("render.cancel_failed", task_run_id=task_run_id,
                                                               error=repr(exc)[:500])

@@ -6,8 +6,9 @@ the pipeline warm. Tagged ``gpu`` (a concurrency limit keeps one render per GPU 
 ``model:<name>`` (set by the flow). Transient failures retry with backoff; bad input never does.
 
 Why encode here: the result crosses Prefect's result storage (a shared bucket between hosts),
-and the MP4 is a small fraction of the raw frames (12.6 MB for 512x512x16); the encode runs
-while the worker's other slot keeps the GPU busy.
+and the MP4 is a small fraction of the raw frames (12.6 MB for 512x512x16). ffmpeg gets each
+chunk of frames as the VAE decodes it, so the encode runs beside the decode; what is left of it
+after the render runs while the worker's other slot keeps the GPU busy.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from prefect import task
 from pydantic import BaseModel, ConfigDict
 
 from infra import metrics
-from infra.engine.video import EncodedVideo, encode_mp4_bytes
+from infra.engine.video import EncodedVideo, in_memory, temporary_mp4
 from infra.spec import ErrorReport, FieldProblem
 from tasks.inputs import PreparedJob
 
@@ -28,7 +29,8 @@ GPU_TAG = "gpu"
 
 
 class RenderedVideo(BaseModel):
-    """The verified MP4 and what produced it (the engine's account, with ``encode_seconds``)."""
+    """The verified MP4 and what produced it (the engine's account, with ``encode_seconds``: what
+    the encode took after the render)."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
 
@@ -140,8 +142,8 @@ def _retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:
 @task(name="render-video", tags=[GPU_TAG], retries=2, retry_delay_seconds=[10, 60],
       retry_condition_fn=_retry_unless_bad_input, persist_result=True)
 def render_video(job: PreparedJob) -> RenderedVideo:
-    """1. get the warm engine, 2. render, 3. encode and verify the MP4, 4. hand back the MP4
-    and the engine's account."""
+    """1. get the warm engine, 2. render, each decoded chunk to the MP4 encoder, 3. finish and
+    verify the MP4, 4. hand back the MP4 and the engine's account."""
     from prefect.runtime import task_run
 
     from infra.engine.engine import RenderOutOfMemory, get_engine
@@ -149,9 +151,10 @@ def render_video(job: PreparedJob) -> RenderedVideo:
 
     engine = get_engine(engine_options())
     spec = job.spec
-    with tracking(str(task_run.id)), structlog.contextvars.bound_contextvars(job_id=job.job_id, input_key=job.stem):
+    with (tracking(str(task_run.id)), structlog.contextvars.bound_contextvars(job_id=job.job_id, input_key=job.stem),
+          temporary_mp4(spec.fps) as mp4):
         try:
-            result = _render(engine, job, spec)
+            result = _render(engine, job, spec, mp4)
         except Exception as exc:
             metrics.observe_render_error(exc)
             if isinstance(exc, RenderOutOfMemory | ValueError):
@@ -159,20 +162,20 @@ def render_video(job: PreparedJob) -> RenderedVideo:
             raise
         metrics.observe_render(result)
         started = time.perf_counter()
-        video = encode_mp4_bytes(result.frames, spec.fps)
+        video = in_memory(mp4.close())
     account = {k: v for k, v in vars(result).items() if k != "frames"}
     return RenderedVideo(video=video, engine={**account, "encode_seconds": round(time.perf_counter() - started, 3),
                                               "task_run_id": str(task_run.id)})
 
 
-def _render(engine: Any, job: PreparedJob, spec: Any) -> Any:
+def _render(engine: Any, job: PreparedJob, spec: Any, sink: Any) -> Any:
     from infra.engine.engine import RenderRequest
 
     return engine.render(RenderRequest(
         image=job.rgb_image(), prompt=spec.prompt, negative_prompt=spec.negative_prompt,
         num_frames=spec.num_frames, fps=spec.fps, steps=spec.steps, guidance_scale=spec.guidance_scale,
         width=job.width, height=job.height, seed=job.seed, model=job.model,
-    ))
+    ), sink)
 
 
 def defer_render(job: PreparedJob, key: str) -> str:
@@ -183,11 +186,14 @@ def defer_render(job: PreparedJob, key: str) -> str:
     for a task worker), except that the dynamic key is ``key`` instead of a random one. Prefect's
     server keeps one flow-less run per (task, dynamic key) and returns the existing run for a
     known key without queueing it again: two watchers handing over one job get one render.
+
+    No serialized context travels with it (``delay`` sends the caller's Prefect settings): the
+    render runs under the GPU worker's own settings (its API, its result storage), and rebuilding
+    the watcher's settings there held each hand-over's start back 60-80 ms.
     """
     from uuid import uuid4
 
     from prefect import get_client
-    from prefect.context import serialize_context
     from prefect.results import ResultStore, get_or_create_default_task_scheduling_storage
     from prefect.states import Scheduled
     from prefect.task_worker import store_parameters
@@ -200,7 +206,7 @@ def defer_render(job: PreparedJob, key: str) -> str:
         storage = await get_or_create_default_task_scheduling_storage()
         store = await ResultStore(result_storage=storage).aupdate_for_task(render_video)
         await store_parameters(store, state.state_details.task_parameters_id,
-                               {"context": serialize_context(), "parameters": {"job": job}})
+                               {"parameters": {"job": job}})
         async with get_client() as client:
             return await client.create_task_run(task=render_video, flow_run_id=None, dynamic_key=key,
                                                 name=f"render-video-{job.stem.rsplit('/', 1)[-1]}",

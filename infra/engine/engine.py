@@ -3,7 +3,8 @@
 Why: loading I2VGen-XL costs far more than one render, so the engine caches loaded
 pipelines per process (the GPU task worker lives long; process workers start a process per run).
 ``render`` is a numbered list of steps in the diffusers style: check inputs, get the model,
-seed, call the pipeline, convert frames. A CUDA out-of-memory error walks a short ladder:
+seed, denoise, decode to frames (each decoded chunk handed to a ``FrameSink`` at once: the render
+task's MP4 encoder, which then runs beside the decode). A CUDA out-of-memory error walks a short ladder:
 free memory, retry once with model CPU offload, then fail with ``RenderOutOfMemory`` that
 says what to lower.
 """
@@ -16,6 +17,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import PIL.Image
@@ -48,6 +50,16 @@ class ModelUnavailable(RuntimeError):
     """This worker cannot load the model a request names (a name or folder it does not know,
     options its device cannot run). The operator's to fix, not the job's: deliberately not a
     ``ValueError``, which means a request the engine refuses."""
+
+
+class FrameSink(Protocol):
+    """Where a render's frames go as soon as they are decoded (the render task's MP4 encoder)."""
+
+    def write(self, frames: np.ndarray) -> None:
+        """Take the next (F, H, W, 3) uint8 frames."""
+
+    def restart(self) -> None:
+        """Forget every frame written: the render starts over (the out-of-memory fallback)."""
 
 
 @dataclass
@@ -141,6 +153,16 @@ def frames_to_uint8(frames: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(array * 255.0), 0, 255).astype(np.uint8)
 
 
+def video_to_uint8(video: torch.Tensor) -> np.ndarray:
+    """Postprocessed video (1, F, 3, H, W) floats in [0, 1], on any device -> (F, H, W, 3) uint8
+    on the host: ``frames_to_uint8``'s rounding (half to even, float32), done where the video is,
+    so only the uint8 frames cross to the host and the CPU does no per-pixel work."""
+    if video.ndim != 5 or video.shape[0] != 1 or video.shape[2] != 3:
+        raise ValueError(f"expected a video shaped (1, F, 3, H, W) but got {tuple(video.shape)}")
+    scaled = torch.round(video[0].float() * 255.0).clamp_(0, 255).to(torch.uint8)
+    return scaled.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
 def out_of_memory_message(request: RenderRequest, loaded: LoadedModel) -> str:
     """Explain an OOM with the request's size and what to lower, in that order of effect."""
     advice = "Lower width/height or num_frames"
@@ -198,8 +220,9 @@ class Engine:
             log.info("model.warmed", model=model, seconds=round(time.perf_counter() - start, 3))
         return loaded
 
-    def render(self, request: RenderRequest) -> RenderResult:
-        """Render ``request`` to uint8 frames; same request and seed give the same frames."""
+    def render(self, request: RenderRequest, sink: FrameSink | None = None) -> RenderResult:
+        """Render ``request`` to uint8 frames; same request and seed give the same frames.
+        ``sink`` gets them too, chunk by chunk as they are decoded."""
         # 1. Check inputs
         check_inputs(request)
         queued = time.perf_counter()
@@ -210,8 +233,8 @@ class Engine:
             if entry.is_noise:
                 log.warning("model.noise_weights", model=entry.name, warning=NOISE_WARNING)
             start = time.perf_counter()
-            # 3-5. Seed, call the pipeline, convert frames (with the OOM ladder around them)
-            frames = self._attempt(loaded, request)
+            # 3-5. Seed, denoise, decode to frames (with the OOM ladder around them)
+            frames = self._attempt(loaded, request, sink)
             fallback_used = frames is None
             if frames is None:
                 message = out_of_memory_message(request, loaded)
@@ -221,7 +244,7 @@ class Engine:
                 loaded, reload_seconds = self._reload_offloaded(entry)
                 load_seconds += reload_seconds
                 start = time.perf_counter()
-                frames = self._attempt(loaded, request)
+                frames = self._attempt(loaded, request, sink)
                 if frames is None:
                     raise RenderOutOfMemory(out_of_memory_message(request, loaded))
             result = self._result(request, loaded, frames, load_seconds, start, fallback_used)
@@ -235,16 +258,19 @@ class Engine:
         except ValueError as exc:
             raise ModelUnavailable(f"this worker cannot load model {model!r}: {exc}") from exc
 
-    def _attempt(self, loaded: LoadedModel, request: RenderRequest) -> np.ndarray | None:
-        """Run steps 3-5 once; ``None`` means CUDA ran out of memory (already freed).
+    def _attempt(self, loaded: LoadedModel, request: RenderRequest, sink: FrameSink | None) -> np.ndarray | None:
+        """Run steps 3-5 once; ``None`` means CUDA ran out of memory (already freed, and the
+        sink told to forget what it got: the decode may have run out half way).
 
         The OOM is handled outside the ``except`` block: its traceback pins the frames that
         hold the activations, and ``empty_cache`` cannot free them while it is alive.
         """
         try:
-            return self._run_pipeline(loaded, request)
+            return self._run_pipeline(loaded, request, sink)
         except torch.OutOfMemoryError:
             pass
+        if sink is not None:
+            sink.restart()
         free_memory()
         log.warning(
             "render.out_of_memory",
@@ -255,24 +281,22 @@ class Engine:
         )
         return None
 
-    def _run_pipeline(self, loaded: LoadedModel, request: RenderRequest) -> np.ndarray:
-        """Steps 3-5: seed every RNG, call the pipeline, convert to uint8 frames."""
+    def _run_pipeline(self, loaded: LoadedModel, request: RenderRequest, sink: FrameSink | None) -> np.ndarray:
+        """Steps 3-5: seed every RNG, denoise, decode to uint8 frames."""
         # 3. Seed: the global RNG too, because vae.encode(...).sample() ignores the generator
         torch.manual_seed(request.seed)
         generator = torch.Generator(device=loaded.device).manual_seed(request.seed)
-        # 4. Call the pipeline
         chunk = self.options.decode_chunk_size or (
             1 if loaded.device.startswith("cuda") else request.num_frames
         )
         with attention_context(loaded.speed):
-            output = self._call(loaded, request, generator, chunk)
-        # 5. Convert to uint8 frames
-        return frames_to_uint8(output.frames)
+            # 4. Denoise: the pipeline up to its latents
+            latents = self._denoise(loaded, request, generator)
+            # 5. Decode, chunk by chunk, to uint8 frames
+            return self._decode(loaded, latents, chunk, sink)
 
     @staticmethod
-    def _call(
-        loaded: LoadedModel, request: RenderRequest, generator: torch.Generator, chunk: int
-    ) -> object:
+    def _denoise(loaded: LoadedModel, request: RenderRequest, generator: torch.Generator) -> torch.Tensor:
         return loaded.pipeline(
             prompt=request.prompt,
             image=request.image.convert("RGB"),
@@ -283,10 +307,26 @@ class Engine:
             target_fps=request.fps,
             num_inference_steps=loaded.speed.steps_for(request.steps),
             guidance_scale=request.guidance_scale,
-            decode_chunk_size=chunk,
             generator=generator,
-            output_type="np",
-        )
+            output_type="latent",
+        ).frames
+
+    @staticmethod
+    def _decode(loaded: LoadedModel, latents: torch.Tensor, chunk: int, sink: FrameSink | None) -> np.ndarray:
+        """The pipeline's own decode (``decode_latents``, then its video processor), one chunk of
+        frames at a time, each handed to ``sink`` as soon as it exists: an encoder fed this way
+        is nearly done when the last frame is. The frames are those of the pipeline's own decode
+        with the same chunk size."""
+        pipeline = loaded.pipeline
+        parts = []
+        for first in range(0, latents.shape[2], chunk):
+            video = pipeline.decode_latents(latents[:, :, first:first + chunk], decode_chunk_size=chunk)
+            frames = video_to_uint8(pipeline.video_processor.postprocess_video(video=video, output_type="pt"))
+            if sink is not None:
+                sink.write(frames)
+            parts.append(frames)
+        pipeline.maybe_free_model_hooks()  # as the pipeline's own decode ends: offloaded models go back
+        return np.concatenate(parts)
 
     def _reload_offloaded(self, entry: ModelEntry) -> tuple[LoadedModel, float]:
         """Second rung of the OOM ladder: drop the GPU copy, reload with CPU offload.

@@ -4,18 +4,24 @@ Why: ``imageio_ffmpeg.write_frames`` with an odd width or height writes a 0-byte
 raises nothing. So ``encode_mp4`` refuses odd sizes up front, writes to a temp
 name beside the target (a watcher or a reader never sees half a file), counts the frames
 back and only then renames into place. ``probe_mp4`` is the same check for anyone else.
-``encode_mp4_bytes`` is the same encoding, handed back in memory: the GPU worker encodes where
-the frames are and sends the MP4, a small fraction of the frames' size, to the flow.
+``Mp4Writer`` is the same encoding fed as frames come (a render hands each decoded chunk over, so
+the encode runs beside the decode); ``encode_mp4`` is one write of a whole video.
+``encode_mp4_bytes`` and ``temporary_mp4`` hand the MP4 back in memory: the GPU worker encodes
+where the frames are and sends the MP4, a small fraction of the frames' size, to the flow.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import subprocess
 import tempfile
+import threading
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import imageio_ffmpeg
 import numpy as np
@@ -64,6 +70,11 @@ def check_frames(frames: np.ndarray, fps: int) -> None:
             f"`frames` width and height must be even for H.264 yuv420p but are "
             f"{width}x{height} (ffmpeg would silently write a 0-byte file)"
         )
+    check_fps(fps)
+
+
+def check_fps(fps: float) -> None:
+    """Raise ``ValueError`` for an fps ffmpeg rejects."""
     if isinstance(fps, bool) or not isinstance(fps, int | float) or not 0 < fps <= 1000:
         raise ValueError(f"`fps` must be a number in (0, 1000] but is {fps!r}")
 
@@ -75,40 +86,130 @@ def _describe(value: object) -> str:
 
 def encode_mp4(frames: np.ndarray, fps: int, path: Path) -> VideoInfo:
     """Write ``frames`` (F, H, W, 3) uint8 as an H.264 yuv420p MP4 at ``path``; verify it.
-
-    Steps: 1 check, 2 write to a temp name beside ``path``, 3 count frames back,
-    4 rename into place. Raises ``VideoEncodeError`` if the file is empty or short.
-    """
-    # 1. Check
+    Raises ``ValueError`` for frames or an fps it cannot encode, ``VideoEncodeError`` if the file
+    comes out empty or short."""
     check_frames(frames, fps)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.mp4")
-    try:
-        # 2. Write
-        _write(frames, fps, temp)
-        # 3. Count frames back: ffmpeg's own word is not enough
-        info = probe_mp4(temp)
-        if info.bytes == 0 or info.frames != frames.shape[0]:
-            raise VideoEncodeError(
-                f"encoding {path.name} gave {info.frames} frames in {info.bytes} bytes; "
-                f"expected {frames.shape[0]} frames"
-            )
-        # 4. Rename into place (atomic on one filesystem)
-        os.replace(temp, path)
-    finally:
+    with Mp4Writer(path, fps) as writer:
+        writer.write(frames)
+        return writer.close()
+
+
+class Mp4Writer:
+    """An H.264 yuv420p MP4 written at ``path`` as its frames arrive, verified at ``close``.
+
+    Steps: 1 each ``write`` checks its frames and queues them for ffmpeg (started at the first),
+    2 ``close`` waits for ffmpeg, 3 counts the frames back, 4 renames the file into place.
+    A thread feeds ffmpeg, so ``write`` never waits on the pipe: a render handing over a decoded
+    chunk goes back to decoding at once. Until ``close`` the file has a temp name beside ``path``
+    (a watcher or a reader never sees half a file); leaving the block without ``close``, or
+    ``restart``, drops what was written.
+    """
+
+    def __init__(self, path: Path, fps: float) -> None:
+        check_fps(fps)
+        self.path, self.fps = Path(path), fps
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._temp = self.path.with_name(f".{self.path.stem}.{os.getpid()}.tmp.mp4")
+        self._frames = 0
+        self._size: tuple[int, int] | None = None  # (height, width), fixed by the first write
+        self._chunks: queue.SimpleQueue[np.ndarray | None] = queue.SimpleQueue()
+        self._feeder: threading.Thread | None = None
+        self._failure: BaseException | None = None
+
+    def __enter__(self) -> Mp4Writer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop()
         with contextlib.suppress(FileNotFoundError):
-            temp.unlink()
-    info.path = path
-    return info
+            self._temp.unlink()
+
+    def write(self, frames: np.ndarray) -> None:
+        """Queue the next frames (F, H, W, 3) uint8, each chunk the size of the first."""
+        check_frames(frames, self.fps)
+        size = (int(frames.shape[1]), int(frames.shape[2]))
+        if self._size is None:
+            self._start(size)
+        elif size != self._size:
+            raise ValueError(f"`frames` must keep the video's {self._size[1]}x{self._size[0]} size "
+                             f"but are {size[1]}x{size[0]}")
+        self._frames += frames.shape[0]
+        self._chunks.put(np.ascontiguousarray(frames))
+
+    def restart(self) -> None:
+        """Drop every frame written so far; the next ``write`` starts a new video."""
+        self._stop()
+        with contextlib.suppress(FileNotFoundError):
+            self._temp.unlink()
+        self._frames, self._size, self._failure = 0, None, None
+
+    def close(self) -> VideoInfo:
+        """Finish the file, count its frames back (ffmpeg's own word is not enough) and rename
+        it into place (atomic on one filesystem)."""
+        if self._size is None:
+            raise ValueError("no frames were written")
+        self._stop()
+        if self._failure is not None:
+            raise VideoEncodeError(f"encoding {self.path.name} failed: {self._failure!r}") from self._failure
+        info = probe_mp4(self._temp)
+        if info.bytes == 0 or info.frames != self._frames:
+            raise VideoEncodeError(
+                f"encoding {self.path.name} gave {info.frames} frames in {info.bytes} bytes; "
+                f"expected {self._frames} frames"
+            )
+        os.replace(self._temp, self.path)
+        info.path = self.path
+        return info
+
+    def _start(self, size: tuple[int, int]) -> None:
+        self._size = size
+        writer = _ffmpeg_writer(self._temp, size, self.fps)
+        self._feeder = threading.Thread(target=self._feed, args=(writer,), name="mp4-writer", daemon=True)
+        self._feeder.start()
+
+    def _feed(self, writer: Any) -> None:
+        ended = False
+        try:
+            writer.send(None)  # start ffmpeg
+            while (chunk := self._chunks.get()) is not None:
+                writer.send(chunk)
+            ended = True
+            writer.close()  # ffmpeg finishes the file
+        except BaseException as exc:  # handed to close(), which raises it
+            self._failure = exc
+            with contextlib.suppress(Exception):
+                writer.close()
+            while not ended and self._chunks.get() is not None:  # up to _stop's end marker
+                pass
+
+    def _stop(self) -> None:
+        if self._feeder is not None:
+            self._chunks.put(None)
+            self._feeder.join()
+            self._feeder = None
+
+
+@contextlib.contextmanager
+def temporary_mp4(fps: float) -> Iterator[Mp4Writer]:
+    """An ``Mp4Writer`` into a temporary folder that goes when the block ends: read what
+    ``close`` gives with ``in_memory`` inside the block."""
+    with (tempfile.TemporaryDirectory(prefix="i2vflow-encode-") as folder,
+          Mp4Writer(Path(folder) / "video.mp4", fps) as writer):
+        yield writer
+
+
+def in_memory(info: VideoInfo) -> EncodedVideo:
+    """A verified MP4 file's facts and bytes."""
+    facts = {name: value for name, value in asdict(info).items() if name != "path"}
+    return EncodedVideo(**facts, data=info.path.read_bytes())
 
 
 def encode_mp4_bytes(frames: np.ndarray, fps: int) -> EncodedVideo:
     """``encode_mp4`` into a temporary folder, verified the same way, and returned as bytes."""
-    with tempfile.TemporaryDirectory(prefix="i2vflow-encode-") as folder:
-        info = encode_mp4(frames, fps, Path(folder) / "video.mp4")
-        facts = {name: value for name, value in asdict(info).items() if name != "path"}
-        return EncodedVideo(**facts, data=info.path.read_bytes())
+    check_frames(frames, fps)
+    with temporary_mp4(fps) as writer:
+        writer.write(frames)
+        return in_memory(writer.close())
 
 
 # x264's veryfast preset at CRF 22 instead of its default medium at CRF 25 (imageio-ffmpeg's
@@ -119,10 +220,14 @@ X264_PRESET = "veryfast"
 X264_CRF = 22
 
 
-def _write(frames: np.ndarray, fps: float, path: Path) -> None:
-    """Feed frames to ffmpeg; ``+faststart`` puts the index first so browsers stream it."""
-    height, width = frames.shape[1:3]
-    writer = imageio_ffmpeg.write_frames(
+def _ffmpeg_writer(path: Path, size: tuple[int, int], fps: float) -> Any:
+    """imageio-ffmpeg's frame writer (a generator: ``send(None)`` starts ffmpeg, each ``send``
+    writes frames, ``close`` finishes the file); ``+faststart`` puts the index first so browsers
+    stream it. A chunk of frames goes in one pipe write: one write gives up the GIL once and
+    takes it back once, where a write per frame took it back 16-32 times; on a GPU worker the
+    other slot's render can hold the GIL for a whole denoising step (an AOT package's call)."""
+    height, width = size
+    return imageio_ffmpeg.write_frames(
         str(path),
         (width, height),
         fps=fps,
@@ -134,14 +239,6 @@ def _write(frames: np.ndarray, fps: float, path: Path) -> None:
         ffmpeg_log_level="error",
         output_params=["-preset", X264_PRESET, "-crf", str(X264_CRF), "-movflags", "+faststart"],
     )
-    writer.send(None)  # start ffmpeg
-    try:
-        # The whole video in one write: one pipe write gives up the GIL once and takes it back
-        # once, where a write per frame took it back 16-32 times; on a GPU worker the other
-        # slot's render can hold the GIL for a whole denoising step (an AOT package's call).
-        writer.send(np.ascontiguousarray(frames))
-    finally:
-        writer.close()
 
 
 def probe_mp4(path: Path) -> VideoInfo:

@@ -26,7 +26,10 @@ from infra.settings import Settings
 from infra.store.base import ObjectInfo, Store, StoreError, UnsafeKeyError
 from infra.watch.scanner import Candidate, Settler, pair
 
-BURST_SECONDS = 0.1  # files copied together (an image and its spec) land within this
+# Files copied together (an image and its spec) land within BURST_SECONDS of the first event;
+# a look waits until hints have been quiet for QUIET_SECONDS, and no longer than the burst.
+BURST_SECONDS = 0.1
+QUIET_SECONDS = 0.02
 
 log = structlog.get_logger("i2vflow.watcher")
 
@@ -254,12 +257,24 @@ class Watcher:
             woke = self.wake.wait(timeout=max(wait, 0.05))
             if woke:
                 # A hint after a quiet spell is looked at almost at once (that look starts the
-                # settle clock), after BURST_SECONDS so that an image and its spec copied together
-                # are both in it. During a burst of events, one hinted look per settle_seconds.
-                self.wake.clear()
-                next_look = max(last_hinted_look + self.settings.settle_seconds, time.monotonic() + BURST_SECONDS)
+                # settle clock), once the hints have gone quiet, so that an image and its spec
+                # copied together are both in it. During a burst of events, one hinted look per
+                # settle_seconds.
+                self._wait_for_quiet(stop)
+                next_look = last_hinted_look + self.settings.settle_seconds
                 stop.wait(max(0.0, next_look - time.monotonic()))
                 hinted = True
+
+    def _wait_for_quiet(self, stop: threading.Event) -> None:
+        """Return once no hint came for QUIET_SECONDS, or BURST_SECONDS after this was called.
+        Writing a pair gives a few events within a millisecond or two (created, modified, closed
+        for each file); a fixed wait of a whole burst was 0.1 s of every lone job's latency."""
+        deadline = time.monotonic() + BURST_SECONDS
+        self.wake.clear()
+        while (left := deadline - time.monotonic()) > 0 and not stop.is_set():
+            if not self.wake.wait(min(QUIET_SECONDS, left)):
+                return
+            self.wake.clear()
 
     def _maybe_reconcile(self) -> None:
         if self.reconcile is None or time.monotonic() < self._next_reconcile:

@@ -38,6 +38,50 @@ def test_render_gives_uint8_frames_and_an_honest_account(
     assert result.render_seconds > 0
 
 
+class RecordingSink:
+    """The render task's MP4 writer as the engine sees it: chunks as they come, and restarts."""
+
+    def __init__(self) -> None:
+        self.chunks: list[np.ndarray] = []
+        self.restarts = 0
+
+    def write(self, frames: np.ndarray) -> None:
+        self.chunks.append(frames.copy())
+
+    def restart(self) -> None:
+        self.chunks, self.restarts = [], self.restarts + 1
+
+
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_frames_are_the_pipelines_own_decode_handed_over_chunk_by_chunk(
+    model_cache: Path, make_request: MakeRequest, chunk: int | None
+) -> None:
+    """The engine denoises with the pipeline and decodes its latents one chunk at a time (so the
+    MP4 encoder gets frames while the rest decode): the frames must be exactly those of one
+    plain pipeline call at the same chunk size, and the sink must get all of them, in order."""
+    from infra.engine.engine import frames_to_uint8
+
+    engine = Engine(EngineOptions(device="cpu", decode_chunk_size=chunk), model_cache=model_cache)
+    request = make_request(seed=5)
+    sink = RecordingSink()
+
+    result = engine.render(request, sink)
+
+    loaded = engine.warm(request.model)
+    torch.manual_seed(request.seed)
+    plain = loaded.pipeline(
+        prompt=request.prompt, image=request.image.convert("RGB"), negative_prompt=request.negative_prompt,
+        height=request.height, width=request.width, num_frames=request.num_frames, target_fps=request.fps,
+        num_inference_steps=request.steps, guidance_scale=request.guidance_scale,
+        decode_chunk_size=chunk or request.num_frames, output_type="np",
+        generator=torch.Generator("cpu").manual_seed(request.seed),
+    ).frames
+    np.testing.assert_array_equal(result.frames, frames_to_uint8(plain))
+    assert [len(c) for c in sink.chunks] == ([3, 3, 2] if chunk else [8])
+    np.testing.assert_array_equal(np.concatenate(sink.chunks), result.frames)
+    assert sink.restarts == 0
+
+
 def test_same_seed_gives_identical_frames_and_another_seed_does_not(
     engine: Engine, make_request: MakeRequest
 ) -> None:
@@ -169,6 +213,34 @@ def test_out_of_memory_falls_back_to_a_reload_in_offload_mode(
     assert result.load_seconds > 0
     np.testing.assert_array_equal(result.frames, expected)
     assert not engine.render(request).oom_fallback_used  # the reloaded model stays warm
+
+
+def test_out_of_memory_in_the_decode_restarts_the_sink_before_the_fallback_renders_again(
+    model_cache: Path, make_request: MakeRequest
+) -> None:
+    """The VAE decode is where a large video peaks: running out half way through it, the sink
+    already holds the first chunks. It is told to forget them, so the video that comes out of
+    the fallback holds each frame once."""
+    engine = Engine(EngineOptions(device="cpu", decode_chunk_size=2), model_cache=model_cache)
+    request = make_request()
+    expected = engine.render(request).frames
+    calls = 0
+
+    def oom_on_the_third_chunk(*_args: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected by the test)")
+
+    engine.warm(request.model).pipeline.vae.decoder.register_forward_pre_hook(oom_on_the_third_chunk)
+    sink = RecordingSink()
+
+    result = engine.render(request, sink)
+
+    assert result.oom_fallback_used and sink.restarts == 1
+    assert [len(c) for c in sink.chunks] == [2, 2, 2, 2]
+    np.testing.assert_array_equal(np.concatenate(sink.chunks), expected)
+    np.testing.assert_array_equal(result.frames, expected)
 
 
 def test_out_of_memory_without_fallback_says_what_to_lower(

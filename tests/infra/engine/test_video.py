@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from infra.engine.engine import Engine, RenderRequest
-from infra.engine.video import VideoEncodeError, encode_mp4, encode_mp4_bytes, probe_mp4
+from infra.engine.video import Mp4Writer, VideoEncodeError, encode_mp4, encode_mp4_bytes, probe_mp4
 
 
 def _frames(count: int, height: int, width: int) -> np.ndarray:
@@ -95,6 +95,77 @@ def test_probe_refuses_a_file_that_is_not_a_video_and_counts_a_cut_one_short(tmp
     cut = tmp_path / "cut.mp4"
     cut.write_bytes(whole.path.read_bytes()[: whole.bytes * 2 // 3])
     assert 0 < probe_mp4(cut).frames < 12  # the header still says 12 frames' duration: frames are decoded
+
+
+def test_a_video_written_in_chunks_is_the_one_written_at_once(tmp_path: Path) -> None:
+    """A render hands its frames over as it decodes them: the MP4 holds every chunk, in order,
+    and is byte for byte the MP4 of the whole video in one write."""
+    frames = _frames(10, 48, 64)
+    whole = encode_mp4(frames, 8, tmp_path / "whole.mp4")
+
+    with Mp4Writer(tmp_path / "chunked.mp4", 8) as writer:
+        for first in range(0, 10, 3):
+            writer.write(frames[first:first + 3])
+        chunked = writer.close()
+
+    assert (chunked.frames, chunked.width, chunked.height) == (10, 64, 48)
+    assert chunked.path.read_bytes() == whole.path.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chunked.mp4", "whole.mp4"]
+
+
+def test_a_restart_forgets_what_was_written_and_an_unclosed_writer_leaves_no_file(tmp_path: Path) -> None:
+    """The engine's out-of-memory fallback renders again from the start: what the first try
+    decoded must not stay in the video. A writer left without ``close`` (the render failed)
+    leaves nothing behind."""
+    frames = _frames(6, 32, 32)
+    with Mp4Writer(tmp_path / "retried.mp4", 8) as writer:
+        writer.write(_frames(4, 32, 32)[::-1].copy())
+        writer.restart()
+        writer.write(frames)
+        info = writer.close()
+    assert info.frames == 6
+    assert info.path.read_bytes() == encode_mp4(frames, 8, tmp_path / "once.mp4").path.read_bytes()
+
+    with Mp4Writer(tmp_path / "failed.mp4", 8) as writer:
+        writer.write(frames)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["once.mp4", "retried.mp4"]
+
+
+def test_a_chunk_of_another_size_or_a_writer_without_frames_is_refused(tmp_path: Path) -> None:
+    with Mp4Writer(tmp_path / "sizes.mp4", 8) as writer:
+        writer.write(_frames(2, 32, 32))
+        with pytest.raises(ValueError, match="must keep the video's 32x32 size but are 64x32"):
+            writer.write(_frames(2, 32, 64))
+        assert writer.close().frames == 2  # the refused chunk never reached the file
+    with Mp4Writer(tmp_path / "empty.mp4", 8) as writer, pytest.raises(ValueError, match="no frames"):
+        writer.close()
+    with pytest.raises(ValueError, match="`fps`"):
+        Mp4Writer(tmp_path / "bad.mp4", 0)
+
+
+def test_an_ffmpeg_that_dies_mid_video_is_an_encode_error_at_close(tmp_path: Path) -> None:
+    """ffmpeg gone while frames still come (killed, out of disk): the writes go on without
+    blocking the render, and ``close`` says the encode failed instead of publishing a short file."""
+    with Mp4Writer(tmp_path / "killed.mp4", 8) as writer:
+        writer.write(_frames(2, 64, 64))
+        _ffmpeg_children_killed()
+        for _ in range(8):
+            writer.write(_frames(4, 64, 64))
+        with pytest.raises(VideoEncodeError):
+            writer.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def _ffmpeg_children_killed() -> None:
+    import psutil
+
+    from tests.helpers import wait_for
+
+    ffmpeg = wait_for(lambda: [p for p in psutil.Process().children() if "ffmpeg" in p.name()],
+                      timeout=30, what="the writer's ffmpeg")
+    for process in ffmpeg:
+        process.kill()
+        process.wait(10)
 
 
 def test_an_encode_beside_a_thread_that_holds_the_gil_finishes_verified() -> None:
