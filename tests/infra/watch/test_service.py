@@ -111,6 +111,39 @@ def test_files_closed_or_renamed_into_place_go_out_at_the_first_look(make_watche
     assert len(recorder.calls) == 1
 
 
+def test_a_file_that_keeps_growing_does_not_hold_back_the_look_at_a_finished_pair(
+    make_watcher, tmp_path: Path
+) -> None:
+    """A look waits for the hints to go quiet (an image and its spec written together are then
+    both in it), but only for a moment: a long copy's write events never go quiet, and a pair
+    dropped during it must not wait for the copy to end. Rescans are 10 minutes apart, so only
+    a hinted look can submit it."""
+    inbox, recorder = tmp_path / "in", Recorder()
+    make_watcher(inbox, recorder, settle_seconds=0.3, rescan_seconds=600)
+    copying = threading.Event()
+    copying.set()
+
+    def long_copy() -> None:
+        with open(inbox / "huge.mov", "wb") as handle:
+            end = time.monotonic() + 60
+            while copying.is_set() and time.monotonic() < end:
+                handle.write(b"x" * 4096)
+                handle.flush()
+                time.sleep(0.005)
+
+    copier = threading.Thread(target=long_copy, daemon=True)
+    copier.start()
+    try:
+        time.sleep(0.5)
+        drop(inbox, "during", {"prompt": "p"}, png_bytes())
+        wait_for(lambda: recorder.calls, timeout=30, what="the pair submitted during the copy")
+        assert copier.is_alive(), "the pair went out only once the copy had ended"
+    finally:
+        copying.clear()
+        copier.join(10)
+    assert [ticket.stem for ticket in recorder.calls] == ["during"]
+
+
 def test_a_drop_after_a_quiet_spell_is_looked_at_at_once(make_watcher, tmp_path: Path) -> None:
     """The settle clock starts at the first look, so a look held back by a settle period adds
     that period to every lone job's latency: one settle after the drop, not two. (Files with
