@@ -7,12 +7,15 @@ the GIL for its whole call (docs/performance.md: a second thread waited 138 ms t
 encoding thread gives the GIL up (any file or pipe syscall, a ``sleep``) it may wait that long
 to get it back, so what counts is how many times the encode gives it up.
 
+It also times the encode as a render feeds it (``Mp4Writer``: one frame per ``--pace-ms``, the
+VAE decode's pace): what a lone job waits for is the tail, from the last frame to the verified MP4.
+
 The stand-in for the render is ``sorted()`` of a shuffled list sized to hold the GIL for
 ``--hold-ms`` (``list.sort`` on ints runs in C without releasing it), calibrated in this
 process, so the benchmark needs no GPU, compiler or model. It reports, per hold, the encode's
 median seconds alone and beside the holder, the ratio, and how many encodes failed.
 
-    python -m benchmarks.bench_encode [--frames 16] [--size 512] [--hold-ms 40,130] [--repeats 5]
+    python -m benchmarks.bench_encode [--frames 16] [--size 512] [--hold-ms 40,130] [--repeats 5] [--pace-ms 10]
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from infra.engine.video import VideoEncodeError, encode_mp4_bytes
+from infra.engine.video import X264_CRF, X264_PRESET, X264_TUNE, VideoEncodeError, encode_mp4_bytes, temporary_mp4
 
 RESULTS_DIR = Path(__file__).parent / "results"
 
@@ -77,6 +80,21 @@ def time_encodes(frames: np.ndarray, fps: int, repeats: int) -> tuple[list[float
     return seconds, failures
 
 
+def time_streamed_tails(frames: np.ndarray, fps: int, repeats: int, pace_ms: float) -> list[float]:
+    """Seconds from the last frame handed to an ``Mp4Writer`` (one per ``pace_ms``) to the
+    verified MP4, per encode."""
+    tails = []
+    for _ in range(repeats):
+        with temporary_mp4(fps) as writer:
+            for frame in frames:
+                writer.write(frame[None])
+                time.sleep(pace_ms / 1000)
+            began = time.perf_counter()
+            writer.close()
+            tails.append(round(time.perf_counter() - began, 3))
+    return tails
+
+
 def beside(hold: Callable[[], None], work: Callable[[], Any]) -> Any:
     """Run ``work`` while another thread calls ``hold`` back to back."""
     stop = threading.Event()
@@ -105,6 +123,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--fps", type=int, default=8)
     parser.add_argument("--hold-ms", default="40,130", help="comma list of GIL holds to test")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--pace-ms", type=float, default=10.0, help="ms between frames fed to the streamed encode")
     parser.add_argument("--out", default=str(RESULTS_DIR))
     parser.add_argument("--label", default="", help="suffix of the result files' names")
     args = parser.parse_args(argv)
@@ -117,9 +136,12 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         "host": platform.node(), "python": platform.python_version(),
         "frames": args.frames, "size": args.size, "repeats": args.repeats,
         "alone": {"median_seconds": _median(alone), "seconds": alone, "failures": alone_failures},
+        "x264": {"preset": X264_PRESET, "tune": X264_TUNE, "crf": X264_CRF},
         "beside_gil_holder": [],
     }
-    for hold_ms in (float(value) for value in args.hold_ms.split(",")):
+    tails = time_streamed_tails(frames, args.fps, args.repeats, args.pace_ms)
+    report["streamed"] = {"pace_ms": args.pace_ms, "median_tail_seconds": _median(tails), "tail_seconds": tails}
+    for hold_ms in (float(value) for value in args.hold_ms.split(",") if value):
         hold = gil_holder(hold_ms)
         measured_ms = round(_ms(hold), 1)
         seconds, failures = beside(hold, lambda: time_encodes(frames, args.fps, args.repeats))

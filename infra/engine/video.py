@@ -216,7 +216,12 @@ def encode_mp4_bytes(frames: np.ndarray, fps: int) -> EncodedVideo:
 # quality 5): as good or better PSNR (35.5 vs 35.3 dB on a synthetic gradient, 41.3 vs 41.1 dB
 # on a panned photo-like texture), files 20-45% larger (44 vs 30 kB for 512x512x16), encoded
 # 1.5-2.8x faster (0.10 vs 0.19 s; noise: 0.27 vs 0.63 s) on a lone job's path (2-core CPU).
+# Tuned zerolatency (no lookahead, no B-frames): each frame is encoded as it arrives instead of
+# ten frames later, so an encode fed during the decode ends soon after the last frame (tail
+# 0.29 -> 0.14 s for 512x512x16 noise on the 2-core CPU); same PSNR on panned photo-like 512x512
+# footage (37.75 vs 37.71 dB), files ~30% larger (106 vs 81 kB).
 X264_PRESET = "veryfast"
+X264_TUNE = "zerolatency"
 X264_CRF = 22
 
 
@@ -237,7 +242,7 @@ def _ffmpeg_writer(path: Path, size: tuple[int, int], fps: float) -> Any:
         macro_block_size=1,
         quality=None,  # the CRF below instead of imageio-ffmpeg's own mapping
         ffmpeg_log_level="error",
-        output_params=["-preset", X264_PRESET, "-crf", str(X264_CRF), "-movflags", "+faststart"],
+        output_params=["-preset", X264_PRESET, "-tune", X264_TUNE, "-crf", str(X264_CRF), "-movflags", "+faststart"],
     )
 
 
