@@ -101,8 +101,6 @@ def cancel_task_run(task_run_id: str, reason: str) -> None:
     differently or found its input changed, or the job's run came from a watcher that hands
     nothing over). Best effort: a GPU worker that already holds it may still render it; no video
     is made from it, and a failure to cancel is logged, not raised (it wastes GPU time, nothing else)."""
-    from uuid import UUID
-
     from prefect import get_client
     from prefect.states import Cancelled
 

@@ -88,7 +88,6 @@ def encode_mp4(frames: np.ndarray, fps: int, path: Path) -> VideoInfo:
     """Write ``frames`` (F, H, W, 3) uint8 as an H.264 yuv420p MP4 at ``path``; verify it.
     Raises ``ValueError`` for frames or an fps it cannot encode, ``VideoEncodeError`` if the file
     comes out empty or short."""
-    check_frames(frames, fps)
     with Mp4Writer(path, fps) as writer:
         writer.write(frames)
         return writer.close()
@@ -108,7 +107,6 @@ class Mp4Writer:
     def __init__(self, path: Path, fps: float) -> None:
         check_fps(fps)
         self.path, self.fps = Path(path), fps
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._temp = self.path.with_name(f".{self.path.stem}.{os.getpid()}.tmp.mp4")
         self._frames = 0
         self._size: tuple[int, int] | None = None  # (height, width), fixed by the first write
@@ -162,6 +160,7 @@ class Mp4Writer:
         return info
 
     def _start(self, size: tuple[int, int]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._size = size
         writer = _ffmpeg_writer(self._temp, size, self.fps)
         self._feeder = threading.Thread(target=self._feed, args=(writer,), name="mp4-writer", daemon=True)
@@ -206,7 +205,6 @@ def in_memory(info: VideoInfo) -> EncodedVideo:
 
 def encode_mp4_bytes(frames: np.ndarray, fps: int) -> EncodedVideo:
     """``encode_mp4`` into a temporary folder, verified the same way, and returned as bytes."""
-    check_frames(frames, fps)
     with temporary_mp4(fps) as writer:
         writer.write(frames)
         return in_memory(writer.close())
