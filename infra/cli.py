@@ -160,7 +160,9 @@ def flow_worker() -> None:
 @app.command("gpu-worker")
 def gpu_worker(warm: bool = typer.Option(True, help="Load the model before taking jobs.")) -> None:
     """Serve the render task in this process, keeping the model loaded across jobs."""
-    from prefect.task_worker import serve
+    import asyncio
+
+    from prefect.task_worker import aserve
 
     from infra.heartbeat import HeartbeatPublisher
     from infra.logging import configure_logging
@@ -181,8 +183,12 @@ def gpu_worker(warm: bool = typer.Option(True, help="Load the model before takin
     heartbeat.start()
     pruner = start_result_pruner(settings.result_ttl_seconds)
     try:
+        # On this thread's own event loop: ``serve`` would run it on Prefect's global loop thread,
+        # which a render's first concurrency-slot acquisition waits on while holding the lock
+        # that the worker's next event emission takes (a deadlock seen in CI at start-up with a
+        # backlog of renders).
         with _one_prefect_client():
-            serve(render_video, limit=settings.gpu_worker_slots)
+            asyncio.run(aserve(render_video, limit=settings.gpu_worker_slots))
     finally:
         heartbeat.stop()
         if pruner is not None:
