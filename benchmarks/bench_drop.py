@@ -28,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -290,6 +291,8 @@ def _phases(run: Any, sidecar: dict[str, Any]) -> dict[str, Any]:
         return round(b.timestamp() - a.timestamp(), 3)
 
     pending = _state_time(run.id, "PENDING")
+    received = _task_state_time(render.id, "PENDING")
+    in_flow = datetime.fromisoformat(sidecar["created_at"]).timestamp()
     return {
         "run_created_to_flow_start": gap(run.created, run.start_time),
         "run_created_to_pending": gap(run.created, pending),  # a flow worker noticed and claimed it
@@ -299,10 +302,25 @@ def _phases(run: Any, sidecar: dict[str, Any]) -> dict[str, Any]:
         "flow_start_to_render_submitted": gap(run.start_time, render.created),
         "load_inputs": sidecar["timings_seconds"]["load_inputs"],  # inside the above: the flow's first task
         "render_submitted_to_task_start": gap(render.created, render.start_time),
+        # Split by the Pending state the GPU worker records as it receives the render.
+        "render_submitted_to_received": gap(render.created, received),  # the server's push
+        "render_received_to_task_start": gap(received, render.start_time),  # the worker's set-up, its gpu slot
         "render_task_minus_render_and_encode": round(gap(render.start_time, render.end_time) - render_s - encode, 3),
         "render_task_end_to_video": round(sidecar["at"] - render.end_time.timestamp(), 3),
+        # Split by the sidecar's created_at, stamped as the flow builds it from the render's result.
+        "render_task_end_to_result_in_flow": round(in_flow - render.end_time.timestamp(), 3),
+        "publish": round(sidecar["at"] - in_flow, 3),  # the publish task: MP4 and sidecar written
         "encode": encode,  # on the GPU worker, inside the render task
     }
+
+
+def _task_state_time(task_run_id: Any, state_type: str) -> Any:
+    """When the task run first entered ``state_type``, from its state history."""
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        states = client.read_task_run_states(task_run_id)
+    return min(state.timestamp for state in states if state.type.value == state_type)
 
 
 def _state_time(flow_run_id: Any, state_type: str) -> Any:
