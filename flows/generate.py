@@ -68,16 +68,18 @@ def generate_video(ticket: JobTicket, handover: RenderHandover | None = None) ->
     return Completed(message=f"video {sidecar['video']['url']}", data=sidecar)
 
 
-def hand_over_render(ticket: JobTicket, settings: Settings) -> RenderHandover | None:
-    """Called by the watcher as it submits a job (``early_render``): validate the inputs as the
-    flow will and hand the render to the GPU worker now, so it runs while the flow run is being
-    claimed and started. None where the flow must decide (bad or changed input: it reports it)."""
+def hand_over_render(ticket: JobTicket, settings: Settings, client: Any = None) -> RenderHandover | None:
+    """Called by the watcher as it submits a job (``early_render``), with its kept-open API
+    ``client``: validate the inputs as the flow will and hand the render to the GPU worker now,
+    so it runs while the flow run is being claimed and started. None where the flow must decide
+    (bad or changed input: it reports it)."""
     try:
         job = prepare_job(ticket, settings)
     except (BadInputError, InputChangedError):
         return None
     # Keyed by the job: a second watcher, or this one restarted, gets the same render back.
-    return RenderHandover(task_run_id=defer_render(job, f"handover-{ticket.job_id}"), job_digest=job.digest())
+    task_run_id = defer_render(job, f"handover-{ticket.job_id}", client)
+    return RenderHandover(task_run_id=task_run_id, job_digest=job.digest())
 
 
 def render_on_gpu_worker(job: PreparedJob, timeout: float, handover: RenderHandover | None = None,

@@ -42,12 +42,10 @@ class RunSubmitter:
         if handover is not None:
             parameters["handover"] = handover.model_dump(mode="json")
         try:
-            if self._client is None:
-                from prefect import get_client
-
-                self._client = get_client(sync_client=True).__enter__()
-                self._deployment_id = self._client.read_deployment_by_name(self.deployment).id
-            flow_run = self._client.create_flow_run_from_deployment(
+            client = self.client()
+            if self._deployment_id is None:
+                self._deployment_id = client.read_deployment_by_name(self.deployment).id
+            flow_run = client.create_flow_run_from_deployment(
                 self._deployment_id,
                 parameters=parameters,
                 name=ticket.run_name,
@@ -59,6 +57,16 @@ class RunSubmitter:
             raise
         awaited = (flow_run.parameters.get("handover") or {}).get("task_run_id")
         return str(flow_run.id), awaited
+
+    def client(self) -> Any:
+        """The kept-open sync API client, opened at first use. The watcher's render hand-over
+        uses it too: a client of its own per hand-over cost ~18 ms (an SSL context, a
+        connection, a CSRF token) before the render could be queued."""
+        if self._client is None:
+            from prefect import get_client
+
+            self._client = get_client(sync_client=True).__enter__()
+        return self._client
 
     def close(self) -> None:
         if self._client is not None:

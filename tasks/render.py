@@ -13,6 +13,7 @@ after the render runs while the worker's other slot keeps the GPU busy.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -178,8 +179,9 @@ def _render(engine: Any, job: PreparedJob, spec: Any, sink: Any) -> Any:
     ), sink)
 
 
-def defer_render(job: PreparedJob, key: str) -> str:
-    """Hand ``job``'s render to the GPU workers under ``key``; return its task run's id.
+def defer_render(job: PreparedJob, key: str, client: Any = None) -> str:
+    """Hand ``job``'s render to the GPU workers under ``key`` through the sync API ``client``
+    (one of its own if None); return its task run's id.
 
     What ``render_video.delay(job)`` does (Prefect 3.9's ``Task.create_run`` for a deferred run,
     outside a flow: parameters to the task-scheduling storage, a Scheduled run the server queues
@@ -199,18 +201,18 @@ def defer_render(job: PreparedJob, key: str) -> str:
     from prefect.task_worker import store_parameters
     from prefect.utilities.asyncutils import run_coro_as_sync
 
-    async def create() -> Any:
-        state = Scheduled()
-        state.state_details.deferred = True
-        state.state_details.task_parameters_id = uuid4()
-        storage = await get_or_create_default_task_scheduling_storage()
-        store = await ResultStore(result_storage=storage).aupdate_for_task(render_video)
-        await store_parameters(store, state.state_details.task_parameters_id,
-                               {"parameters": {"job": job}})
-        async with get_client() as client:
-            return await client.create_task_run(task=render_video, flow_run_id=None, dynamic_key=key,
-                                                name=f"render-video-{job.stem.rsplit('/', 1)[-1]}",
-                                                extra_tags=[f"model:{job.model}"], state=state,
-                                                task_inputs={"job": []})
+    state = Scheduled()
+    state.state_details.deferred = True
+    state.state_details.task_parameters_id = uuid4()
 
-    return str(run_coro_as_sync(create()).id)
+    async def store() -> None:
+        storage = await get_or_create_default_task_scheduling_storage()
+        result_store = await ResultStore(result_storage=storage).aupdate_for_task(render_video)
+        await store_parameters(result_store, state.state_details.task_parameters_id, {"parameters": {"job": job}})
+
+    run_coro_as_sync(store())
+    with contextlib.nullcontext(client) if client is not None else get_client(sync_client=True) as api:
+        task_run = api.create_task_run(task=render_video, flow_run_id=None, dynamic_key=key,
+                                       name=f"render-video-{job.stem.rsplit('/', 1)[-1]}",
+                                       extra_tags=[f"model:{job.model}"], state=state, task_inputs={"job": []})
+    return str(task_run.id)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -33,7 +34,7 @@ def _location(raw: str) -> str:
     return raw if raw.startswith("s3://") else str(Path(raw).resolve())
 
 
-HandOver = Callable[[JobTicket, Settings], RenderHandover | None]
+HandOver = Callable[[JobTicket, Settings, Any], RenderHandover | None]  # the last: the watcher's API client
 
 
 def build_watcher(settings: Settings | None = None,
@@ -99,7 +100,7 @@ def _submit(submitter: RunSubmitter, ticket: JobTicket, kind: str, model: str,
     handover = None
     if hand_over is not None:
         try:
-            handover = hand_over(ticket, settings)
+            handover = hand_over(ticket, settings, submitter.client())
         except Exception as exc:  # the flow submits the render itself
             log.warning("render.handover_failed", job_id=ticket.job_id, error=repr(exc)[:500])
     flow_run_id, awaited = submitter.submit(ticket, kind, model, handover)

@@ -113,7 +113,7 @@ def test_a_hand_over_for_a_run_that_awaits_none_is_cancelled(start_watcher, tmp_
     first.stop()
     handed: list[str] = []
 
-    def hand_over_unqueued(ticket: JobTicket, settings: Settings) -> RenderHandover | None:
+    def hand_over_unqueued(ticket: JobTicket, settings: Settings, client: object) -> RenderHandover | None:
         handed.append(_unqueued_render(Scheduled()))  # no GPU worker takes it: the outcome is the watcher's
         return RenderHandover(task_run_id=handed[0], job_digest=prepare_job(ticket, settings).digest())
 
@@ -139,7 +139,7 @@ def test_a_lost_handover_is_rendered_by_the_flow(start_watcher, tmp_path: Path) 
     inbox, outbox, since = tmp_path / "inbox", tmp_path / "outbox", datetime.now(UTC)
     lost: list[str] = []
 
-    def hand_over_a_lost_render(ticket: JobTicket, settings: Settings) -> RenderHandover | None:
+    def hand_over_a_lost_render(ticket: JobTicket, settings: Settings, client: object) -> RenderHandover | None:
         lost.append(_unqueued_render(Crashed(message="GPU worker lost")))
         return RenderHandover(task_run_id=lost[0], job_digest=prepare_job(ticket, settings).digest())
 
@@ -159,7 +159,7 @@ def test_a_handover_of_another_job_is_cancelled_and_the_flow_renders_its_own(sta
     inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
     stranger: list[str] = []
 
-    def hand_over_another_job(ticket: JobTicket, settings: Settings) -> RenderHandover | None:
+    def hand_over_another_job(ticket: JobTicket, settings: Settings, client: object) -> RenderHandover | None:
         stranger.append(_unqueued_render(Scheduled()))
         return RenderHandover(task_run_id=stranger[0], job_digest="0" * 64)  # validated other settings
 
