@@ -10,6 +10,7 @@ Events are still emitted, so automations can react to jobs and videos.
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Any
 from uuid import UUID
 
@@ -102,6 +103,25 @@ def read_run_states(flow_run_ids: list[str]) -> dict[str, tuple[str, str]]:
                 state = run.state
                 found[str(run.id)] = (state.type.value if state else "UNKNOWN", (state.message or "") if state else "")
     return found
+
+
+def wait_for_task_run_start(client: Any, task_run_id: str, limit: float, unclaimed_after: float = 0.15,
+                            every: float = 0.015) -> str:
+    """Wait, at most ``limit`` seconds, until a deferred task run has started (left Scheduled and
+    Pending); return the last state type seen. Gives up at once where it ended, and after
+    ``unclaimed_after`` seconds where no task worker has taken it (still Scheduled: all busy).
+    Reads only: a read does not queue behind the server's writers."""
+    started = time.monotonic()
+    state_type = "UNKNOWN"
+    while True:
+        state = client.read_task_run(UUID(task_run_id)).state
+        state_type = state.type.value if state is not None else "UNKNOWN"
+        waited = time.monotonic() - started
+        if state_type not in ("SCHEDULED", "PENDING") or waited >= limit:
+            return state_type
+        if state_type == "SCHEDULED" and waited >= unclaimed_after:
+            return state_type
+        time.sleep(every)
 
 
 def cancel_task_run(task_run_id: str, reason: str) -> None:

@@ -80,6 +80,12 @@ class Settings(BaseSettings):
                                "overhead over its render 1.76 -> 0.58 s on an H100). false: the flow submits the "
                                "render after its own validation. On a Prefect server on SQLite that `up` did not "
                                "start, the render's start and the run's creation can collide: 2 s client retries.")
+    render_head_start_seconds: float = Field(
+        0.5, ge=0, description="With early_render, the longest the watcher waits for a handed-over render to "
+        "start on a GPU worker before it creates the job's flow run, so the render's start (its gpu slot, a "
+        "database write) does not queue behind the run's creation: a lone job's render started 0.13 -> 0.06 s "
+        "after the drop on the CPU box. A render no GPU worker takes at once (all busy) is not waited for, "
+        "and neither are the jobs after it while renders queue. 0: no wait.")
     gpu_workers: int = Field(0, ge=0, description="GPU task workers `up` starts, one per card, each bound to "
                              "it; 0: one per visible CUDA device (one on a host without CUDA).")
     render_timeout_seconds: float = Field(1800.0, gt=0)
