@@ -225,9 +225,10 @@ def test_two_watchers_on_one_ledger_count_each_outcome_once(service, tmp_path: P
         return {key: sum(s.get(key, 0) for s in scrapes) for key in {*scrapes[0], *scrapes[1]}}
 
     def total() -> dict[str, float] | None:
-        sums = poll_both()
-        done = sums["i2vflow_videos_published_total"] >= 9 and sums['i2vflow_failures_total{reason="crashed"}'] >= 1
-        return sums if done and sums['i2vflow_failures_total{reason="invalid_spec"}'] >= 3 else None
+        sums = poll_both()  # a series shows only once its first event is counted: absent is 0, not yet
+        done = (sums.get("i2vflow_videos_published_total", 0) >= 9
+                and sums.get('i2vflow_failures_total{reason="crashed"}', 0) >= 1)
+        return sums if done and sums.get('i2vflow_failures_total{reason="invalid_spec"}', 0) >= 3 else None
     wait_for(total, timeout=180, interval=1, what="the events to be counted")  # persisted late under load
     sums = poll_both()  # both look at the whole window again: nothing more is counted
     assert sums["i2vflow_videos_published_total"] == 9
