@@ -112,14 +112,12 @@ def wait_for_task_run_start(client: Any, task_run_id: str, limit: float, unclaim
     ``unclaimed_after`` seconds where no task worker has taken it (still Scheduled: all busy).
     Reads only: a read does not queue behind the server's writers."""
     started = time.monotonic()
-    state_type = "UNKNOWN"
     while True:
         state = client.read_task_run(UUID(task_run_id)).state
         state_type = state.type.value if state is not None else "UNKNOWN"
         waited = time.monotonic() - started
-        if state_type not in ("SCHEDULED", "PENDING") or waited >= limit:
-            return state_type
-        if state_type == "SCHEDULED" and waited >= unclaimed_after:
+        patience = unclaimed_after if state_type == "SCHEDULED" else limit
+        if state_type not in ("SCHEDULED", "PENDING") or waited >= min(patience, limit):
             return state_type
         time.sleep(every)
 
