@@ -38,6 +38,8 @@ from filelock import FileLock
 log = structlog.get_logger("i2vflow.engine")
 
 PACKAGE_DIR = "aot"
+# Inductor settings that change which kernel configs a compile picks (set from the environment).
+TUNING_SWITCHES = ("coordinate_descent_tuning", "max_autotune", "max_autotune_gemm", "max_autotune_pointwise")
 
 
 def _leaf_signature(leaf: Any) -> Any:
@@ -50,7 +52,9 @@ def module_fingerprint(module: torch.nn.Module) -> str:
     """What a package of ``module`` depends on, besides the call: a hash of architecture and layout.
 
     The attention processors are not in the module's ``repr`` but change the graph (fused QKV,
-    the short-attention kernel); parameter strides change the kernels (channels-last weights).
+    the short-attention kernel); parameter strides change the kernels (channels-last weights);
+    inductor's tuning switches (``TORCHINDUCTOR_COORDINATE_DESCENT_TUNING``, ``..._MAX_AUTOTUNE``)
+    change the kernels' configs, so a tuned package and a plain one never stand in for each other.
     """
     import torch._inductor.config as inductor_config
 
@@ -66,6 +70,7 @@ def module_fingerprint(module: torch.nn.Module) -> str:
         "processors": processors,
         "parameters": parameters,
         "force_layout_optimization": inductor_config.force_layout_optimization,
+        "tuning": {name: getattr(inductor_config, name) for name in TUNING_SWITCHES},
     }
     return hashlib.sha256(json.dumps(facts, default=str).encode()).hexdigest()
 

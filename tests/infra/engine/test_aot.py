@@ -147,3 +147,16 @@ def test_the_package_key_follows_processors_and_weight_layout() -> None:
     plain = module_fingerprint(conv)
     conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last)
     assert module_fingerprint(conv) != plain  # channels-last weights: other kernels
+
+
+def test_the_package_key_follows_inductors_tuning_switches() -> None:
+    import torch._inductor.config as inductor_config
+
+    conv = torch.nn.Conv2d(8, 8, 3)
+    plain = module_fingerprint(conv)
+    with inductor_config.patch(coordinate_descent_tuning=True):
+        tuned = module_fingerprint(conv)
+    with inductor_config.patch(max_autotune=True):
+        autotuned = module_fingerprint(conv)
+    assert len({plain, tuned, autotuned}) == 3  # a tuned package never loads for a plain run
+    assert module_fingerprint(conv) == plain
