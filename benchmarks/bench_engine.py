@@ -78,6 +78,7 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "fast-no-gn": {"preset": "fast", "channels_last_group_norm": False},  # `fast` before 5 December
     "fast-jit-no-gn": {"preset": "fast", "aot": False, "channels_last_group_norm": False},
     "fast-jit-bf16": {"preset": "fast", "aot": False, "dtype": "bfloat16"},
+    "fast-cdt": {"preset": "fast", "coordinate_descent_tuning": True},
     "fast-exact-blocks": {"preset": "fast", "short_attention": True, "compile_vae": True, "compile_scope": "blocks"},
 }
 DEFAULT_GPU_VARIANTS = "stock,fast,fast-cudagraphs"

@@ -22,13 +22,14 @@ def fresh_settings() -> Iterator[None]:
 
 def test_speed_settings_reach_the_engine(monkeypatch: pytest.MonkeyPatch) -> None:
     for name, value in {"SPEED_PRESET": "fast", "COMPILE_SCOPE": "blocks", "COMPILE_AOT": "true",
-                        "SHORT_ATTENTION": "false",
+                        "SHORT_ATTENTION": "false", "COORDINATE_DESCENT_TUNING": "true",
                         "FP8_LINEAR": "true", "SCHEDULER": "dpm++", "MAX_STEPS": "25"}.items():
         monkeypatch.setenv(f"I2VFLOW_{name}", value)
     options = engine_options()
     assert (options.preset, options.compile_scope, options.short_attention, options.fp8_linear) == (
         "fast", "blocks", False, True)
     assert (options.scheduler, options.max_steps, options.aot) == ("dpm++", 25, True)
+    assert options.coordinate_descent_tuning is True
     options.check()
 
 
@@ -36,6 +37,7 @@ def test_unset_short_attention_leaves_the_choice_to_the_preset(monkeypatch: pyte
     monkeypatch.delenv("I2VFLOW_SHORT_ATTENTION", raising=False)
     assert engine_options().short_attention is None
     assert engine_options().aot is None
+    assert engine_options().coordinate_descent_tuning is None
 
 
 def test_a_wrong_compile_scope_names_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:

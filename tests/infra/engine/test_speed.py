@@ -14,7 +14,7 @@ import torch
 from infra.engine.aot import AotDispatcher
 from infra.engine.engine import Engine, RenderRequest
 from infra.engine.loader import EngineOptions
-from infra.engine.speed import PRESETS, REGION_CLASSES, resolve_plan
+from infra.engine.speed import PRESETS, REGION_CLASSES, SpeedPlan, configure_inductor, resolve_plan
 
 MakeRequest = Callable[..., RenderRequest]
 
@@ -98,6 +98,36 @@ def test_the_group_norm_tiles_need_compile(monkeypatch: pytest.MonkeyPatch) -> N
     assert offload.channels_last_group_norm is False
     assert "channels_last_group_norm (needs compile: inductor fuses the normalisation)" in offload.skipped
     assert resolve_plan(EngineOptions(preset="fast"), "cuda", "full").channels_last_group_norm is True
+
+
+def test_coordinate_descent_tuning_is_opt_in_for_compiled_cuda_models(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Off in every preset: a machine's first compile takes 2.5 times as long (docs/performance.md).
+    gpu_with(monkeypatch, (9, 0))
+    assert resolve_plan(EngineOptions(preset="fast"), "cuda", "full").coordinate_descent_tuning is False
+    tuned = resolve_plan(EngineOptions(preset="fast", coordinate_descent_tuning=True), "cuda", "full")
+    assert tuned.coordinate_descent_tuning is True and tuned.skipped == ()
+    offload = resolve_plan(EngineOptions(preset="fast", coordinate_descent_tuning=True), "cuda", "offload")
+    assert offload.coordinate_descent_tuning is False
+    assert "coordinate_descent_tuning (needs compile)" in offload.skipped
+    cpu = resolve_plan(EngineOptions(preset="fast", compile="default", coordinate_descent_tuning=True), "cpu", "full")
+    assert cpu.compile == "default" and cpu.coordinate_descent_tuning is False
+    assert "coordinate_descent_tuning (CUDA only: it tunes Triton kernels)" in cpu.skipped
+
+
+def test_the_plan_owns_inductors_coordinate_descent_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch._inductor.config as inductor_config
+
+    from infra.engine.aot import module_fingerprint
+
+    monkeypatch.setattr(inductor_config, "coordinate_descent_tuning", True)  # as if the env var were set
+    monkeypatch.setattr(inductor_config, "force_layout_optimization", False)
+    module = torch.nn.Linear(2, 2)
+    configure_inductor(SpeedPlan(compile="default"))
+    assert inductor_config.coordinate_descent_tuning is False and inductor_config.force_layout_optimization is False
+    plain_key = module_fingerprint(module)
+    configure_inductor(SpeedPlan(compile="default", channels_last=True, coordinate_descent_tuning=True))
+    assert inductor_config.coordinate_descent_tuning is True and inductor_config.force_layout_optimization is True
+    assert module_fingerprint(module) != plain_key  # a tuned package never stands in for a plain one
 
 
 def test_bad_compile_scope_names_the_field() -> None:
