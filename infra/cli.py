@@ -8,6 +8,7 @@ rest of ``infra`` never does.
     i2vflow gpu-worker  # the warm GPU task worker alone
     i2vflow flow-worker # the process worker alone, its flow runs forked from a fork server
     i2vflow build-tiny  # build the offline random-weight model into the model cache
+    i2vflow compile     # compile the engine for the warm-up shapes into the compile cache
     i2vflow campaign plan|run SPEC  # a re-generation campaign: print its plan, or run it now
 """
 
@@ -17,8 +18,9 @@ import contextlib
 import os
 import signal
 import threading
+import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -168,17 +170,13 @@ def gpu_worker(warm: bool = typer.Option(True, help="Load the model before takin
     from infra.logging import configure_logging
     from infra.results import start_result_pruner
     from infra.settings import get_settings
-    from tasks.render import engine_options, render_video, warmup_requests
+    from tasks.render import render_video
 
     settings = get_settings()
     configure_logging(settings.resolved_log_file)
     _gpu_worker_metrics(settings)
     if warm:
-        from infra.engine.engine import get_engine
-
-        engine = get_engine(engine_options())
-        for warmup in warmup_requests(settings.model, settings.warmup_shapes):
-            engine.warm(settings.model, warmup=warmup)
+        _warm_engine(settings)
     heartbeat = HeartbeatPublisher()
     heartbeat.start()
     pruner = start_result_pruner(settings.result_ttl_seconds)
@@ -193,6 +191,66 @@ def gpu_worker(warm: bool = typer.Option(True, help="Load the model before takin
         heartbeat.stop()
         if pruner is not None:
             pruner.stop()
+
+
+def _warm_engine(settings: Any) -> list[tuple[str, float, Any]]:
+    """Load the model and render a 2-step warm-up at each of ``I2VFLOW_WARMUP_SHAPES``.
+
+    Returns (shape, seconds, the loaded model) per shape: compilation happens here, not in a job.
+    """
+    from infra.engine.engine import get_engine
+    from tasks.render import engine_options, warmup_requests
+
+    engine = get_engine(engine_options())
+    warmed = []
+    for warmup in warmup_requests(settings.model, settings.warmup_shapes):
+        started = time.perf_counter()
+        loaded = engine.warm(settings.model, warmup=warmup)
+        warmed.append((f"{warmup.width}x{warmup.height}x{warmup.num_frames}", time.perf_counter() - started, loaded))
+    return warmed
+
+
+@app.command("compile")
+def compile_engine() -> None:
+    """Compile the engine for I2VFLOW_WARMUP_SHAPES into the compile cache, then exit.
+
+    Why: a machine's first GPU worker compiles each shape for minutes (about 4 on an H100, 10 with
+    I2VFLOW_COORDINATE_DESCENT_TUNING); run this once per kind of GPU on the cache that workers
+    will use (a shared volume, a fleet image built on a GPU host) and they start in seconds.
+    Needs no Prefect server. Exit code 1 when the speed plan compiles nothing or a shape could
+    not be packaged.
+    """
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "false")  # no server, no flow run to log to
+    from infra.engine.engine import get_engine
+    from infra.engine.speed import aot_fallbacks
+    from infra.logging import configure_logging
+    from infra.settings import get_settings
+    from tasks.render import engine_options
+
+    settings = get_settings()
+    configure_logging(settings.resolved_log_file)
+    loaded = get_engine(engine_options()).warm(settings.model)
+    plan = loaded.speed
+    if plan.compile == "off":
+        skipped = f" (skipped: {'; '.join(plan.skipped)})" if plan.skipped else ""
+        _say(f"nothing to compile: speed preset {plan.preset!r} compiles nothing on {loaded.device}{skipped}. "
+             "On a CUDA host set I2VFLOW_SPEED_PRESET=fast (or leave it auto).")
+        raise typer.Exit(1)
+    packages = Path(plan.compile_cache_dir) / "aot"
+    before = {p.name for p in packages.glob("*.pt2")}
+    for shape, seconds, _ in _warm_engine(settings):
+        _say(f"{shape}: ready in {seconds:.1f} s")
+    if not plan.aot:
+        _say(f"{plan.compile_cache_dir}: inductor's caches are warm, but without AOT packages "
+             f"(aot off or compile_scope={plan.compile_scope}) every start still traces the model")
+        return
+    after = {p.name for p in packages.glob("*.pt2")}
+    _say(f"{packages}: built {' '.join(sorted(after - before)) or 'nothing'}; "
+         f"already there {' '.join(sorted(after & before)) or 'nothing'}")
+    failures = aot_fallbacks(loaded.pipeline)
+    if failures:
+        _say("not packaged (these compile again in every new process): " + "; ".join(failures))
+        raise typer.Exit(1)
 
 
 def _one_prefect_client() -> contextlib.ExitStack:

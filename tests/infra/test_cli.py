@@ -1,4 +1,5 @@
-"""`i2vflow flow-worker`: the process worker and its fork server, started and stopped together."""
+"""The `i2vflow` command: `flow-worker` starts and stops the process worker and its fork server
+together; `compile` builds the engine's packages for the warm-up shapes and exits."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 
 import psutil
+import pytest
 
 from infra.service import PROJECT_ROOT
 from tests.helpers import wait_for
@@ -47,3 +49,45 @@ def test_flow_worker_serves_the_pool_from_a_fork_server_and_stops_with_both(pref
     wait_for(lambda: not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children.values()),
              timeout=20, what="both children stopped")
 
+
+
+@pytest.fixture(scope="module")
+def tiny_model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from infra.engine.registry import REGISTRY
+    from infra.engine.tiny import build_tiny_i2vgenxl
+
+    cache = tmp_path_factory.mktemp("models")
+    build_tiny_i2vgenxl(cache / REGISTRY["tiny"].source)
+    return cache
+
+
+def run_compile(tmp_path: Path, models: Path, **settings: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "I2VFLOW_DEVICE": "cpu", "I2VFLOW_MODEL_CACHE": str(models),
+           "I2VFLOW_COMPILE_CACHE": str(tmp_path / "compile-cache"), "I2VFLOW_LOG_FILE": str(tmp_path / "log.jsonl"),
+           **{f"I2VFLOW_{name.upper()}": value for name, value in settings.items()}}
+    return subprocess.run([sys.executable, "-m", "infra.cli", "compile"], cwd=PROJECT_ROOT, env=env,
+                          capture_output=True, text=True, timeout=900, check=False)
+
+
+def test_compile_packages_the_warmup_shapes_once_and_exits(tmp_path: Path, tiny_model_cache: Path) -> None:
+    # What a fleet runs once per kind of GPU on the workers' cache; here on the CPU, the tiny model.
+    first = run_compile(tmp_path, tiny_model_cache, speed_preset="fast", warmup_shapes="64x64x8")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    packages = sorted((tmp_path / "compile-cache" / "aot").glob("*.pt2"))
+    assert [p.name.split("-")[0] for p in packages] == ["unet", "vae"]  # the UNet and the VAE decoder
+    assert "[i2vflow] 64x64x8: ready in" in first.stderr
+    assert f"built {' '.join(p.name for p in packages)}; already there nothing" in first.stderr
+    built_at = [p.stat().st_mtime_ns for p in packages]
+
+    again = run_compile(tmp_path, tiny_model_cache, speed_preset="fast", warmup_shapes="64x64x8")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"built nothing; already there {' '.join(p.name for p in packages)}" in again.stderr
+    assert [p.stat().st_mtime_ns for p in packages] == built_at
+
+
+def test_compile_refuses_a_speed_plan_that_compiles_nothing(tmp_path: Path, tiny_model_cache: Path) -> None:
+    result = run_compile(tmp_path, tiny_model_cache, speed_preset="stock")
+    assert result.returncode == 1
+    assert ("nothing to compile: speed preset 'stock' compiles nothing on cpu. "
+            "On a CUDA host set I2VFLOW_SPEED_PRESET=fast") in result.stderr
+    assert not (tmp_path / "compile-cache" / "aot").exists()
