@@ -193,11 +193,9 @@ def gpu_worker(warm: bool = typer.Option(True, help="Load the model before takin
             pruner.stop()
 
 
-def _warm_engine(settings: Any) -> list[tuple[str, float, Any]]:
-    """Load the model and render a 2-step warm-up at each of ``I2VFLOW_WARMUP_SHAPES``.
-
-    Returns (shape, seconds, the loaded model) per shape: compilation happens here, not in a job.
-    """
+def _warm_engine(settings: Any) -> list[tuple[str, float]]:
+    """Load the model and render a 2-step warm-up at each of ``I2VFLOW_WARMUP_SHAPES``, so
+    compilation happens here, not in a job. Returns each shape ("WxHxF") and its seconds."""
     from infra.engine.engine import get_engine
     from tasks.render import engine_options, warmup_requests
 
@@ -205,8 +203,8 @@ def _warm_engine(settings: Any) -> list[tuple[str, float, Any]]:
     warmed = []
     for warmup in warmup_requests(settings.model, settings.warmup_shapes):
         started = time.perf_counter()
-        loaded = engine.warm(settings.model, warmup=warmup)
-        warmed.append((f"{warmup.width}x{warmup.height}x{warmup.num_frames}", time.perf_counter() - started, loaded))
+        engine.warm(settings.model, warmup=warmup)
+        warmed.append((f"{warmup.width}x{warmup.height}x{warmup.num_frames}", time.perf_counter() - started))
     return warmed
 
 
@@ -238,7 +236,7 @@ def compile_engine() -> None:
         raise typer.Exit(1)
     packages = Path(plan.compile_cache_dir) / "aot"
     before = {p.name for p in packages.glob("*.pt2")}
-    for shape, seconds, _ in _warm_engine(settings):
+    for shape, seconds in _warm_engine(settings):
         _say(f"{shape}: ready in {seconds:.1f} s")
     if not plan.aot:
         _say(f"{plan.compile_cache_dir}: inductor's caches are warm, but without AOT packages "
