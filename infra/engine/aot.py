@@ -38,7 +38,8 @@ from filelock import FileLock
 log = structlog.get_logger("i2vflow.engine")
 
 PACKAGE_DIR = "aot"
-# Inductor settings that change which kernel configs a compile picks (set from the environment).
+# Inductor settings that change which kernel configs a compile picks (coordinate descent: the engine's
+# ``coordinate_descent_tuning`` lever; the max-autotune ones: inductor's environment variables).
 TUNING_SWITCHES = ("coordinate_descent_tuning", "max_autotune", "max_autotune_gemm", "max_autotune_pointwise")
 
 
@@ -53,7 +54,7 @@ def module_fingerprint(module: torch.nn.Module) -> str:
 
     The attention processors are not in the module's ``repr`` but change the graph (fused QKV,
     the short-attention kernel); parameter strides change the kernels (channels-last weights);
-    inductor's tuning switches (``TORCHINDUCTOR_COORDINATE_DESCENT_TUNING``, ``..._MAX_AUTOTUNE``)
+    inductor's tuning switches (coordinate descent, ``TORCHINDUCTOR_MAX_AUTOTUNE``...)
     change the kernels' configs, so a tuned package and a plain one never stand in for each other.
     """
     import torch._inductor.config as inductor_config
