@@ -36,7 +36,7 @@ from benchmarks.bench_kernels import timed
 from infra.engine import speed
 from infra.engine.full import FULL_CONFIG_DIR
 from infra.engine.tiny import CONFIG_DIR as TINY_CONFIG_DIR
-from infra.engine.tiny import _config
+from infra.engine.tiny import component_config
 
 RESULTS_DIR = Path(__file__).parent / "results"
 # name -> inductor options for torch.compile (None: eager). "autotune" is what the mode
@@ -59,7 +59,7 @@ def build_unet(tiny: bool, device: str, dtype: torch.dtype) -> torch.nn.Module:
 
     torch.manual_seed(0)
     with torch.device(device):
-        unet = I2VGenXLUNet.from_config(_config("unet", TINY_CONFIG_DIR if tiny else FULL_CONFIG_DIR))
+        unet = I2VGenXLUNet.from_config(component_config("unet", TINY_CONFIG_DIR if tiny else FULL_CONFIG_DIR))
     unet = unet.to(dtype).eval().requires_grad_(False)
     levers = speed.SpeedPlan(preset="fast", fuse_qkv=True, channels_last=True,
                              short_attention=device.startswith("cuda"))

@@ -41,7 +41,7 @@ or set "model" in the job JSON.
 SEED = 0
 
 
-def _config(name: str, config_dir: Path = CONFIG_DIR) -> dict[str, Any]:
+def component_config(name: str, config_dir: Path = CONFIG_DIR) -> dict[str, Any]:
     """Read one component's config dict from the JSON files shipped in the repo."""
     return json.loads((Path(config_dir) / f"{name}.json").read_text())
 
@@ -83,7 +83,7 @@ def build_tokenizer(config_dir: Path = CONFIG_DIR) -> Any:
     """Build a ``CLIPTokenizer`` offline from the byte-level vocabulary (no merges)."""
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer(vocab=_byte_level_vocab(), merges=[], **_config("tokenizer", config_dir))
+    return CLIPTokenizer(vocab=_byte_level_vocab(), merges=[], **component_config("tokenizer", config_dir))
 
 
 def build_components(
@@ -107,7 +107,7 @@ def build_components(
     )
 
     def config(name: str) -> dict[str, Any]:
-        return _config(name, config_dir)
+        return component_config(name, config_dir)
 
     tokenizer = build_tokenizer(config_dir)
     vocab = tokenizer.get_vocab()

@@ -20,9 +20,9 @@ def test_tiny_run_covers_every_block_call_and_compiles_the_costliest(tmp_path: P
     assert written["totals"] == report["totals"]
     from diffusers import I2VGenXLUNet
 
-    from infra.engine.tiny import CONFIG_DIR, _config
+    from infra.engine.tiny import CONFIG_DIR, component_config
 
-    unet = I2VGenXLUNet.from_config(_config("unet", CONFIG_DIR))
+    unet = I2VGenXLUNet.from_config(component_config("unet", CONFIG_DIR))
     region_modules = sum(type(m).__name__ in REGION_CLASSES for m in unet.modules())
     blocks = written["blocks"]
     # Each region module runs once per UNet call; the distinct shapes share their count.
