@@ -305,90 +305,103 @@ class Bench:
 
     # --- one variant ----------------------------------------------------------------------
     def run_variant(self, name: str, fields: dict[str, Any] | None) -> VariantResult:
+        """Load, render warm-up + repeats, score against stock; a failure is reported, not raised."""
         import torch
 
         result = VariantResult(name=name, options=fields)
         free_all(self.device)
         is_cuda = cuda_ok(self.device)
-        engine = pipe = None
         try:
-            if fields is None:
-                start = time.perf_counter()
-                pipe = self.load_stock()
-                result.load_seconds = round(time.perf_counter() - start, 3)
-                if self.flops_per_video is None and self.args.count_flops:
-                    self.flops_per_video = self.count_flops(pipe)
-
-                def call() -> np.ndarray:
-                    return self.call_stock(pipe)
-
-                result.memory_mode, result.dtype = "full", str(pipe.unet.dtype).split(".")[-1]
-            else:
-                from infra.engine.engine import Engine
-                from infra.engine.loader import EngineOptions
-
-                options = EngineOptions(device=self.device, **fields)
-                if options.compile_cache_dir is None and self.args.compile_cache:
-                    options = EngineOptions(
-                        device=self.device, compile_cache_dir=self.args.compile_cache, **fields
-                    )
-                engine = Engine(options, model_cache=self.model_cache)
-                start = time.perf_counter()
-                loaded = engine.warm(self.model_source)
-                result.load_seconds = round(time.perf_counter() - start, 3)
-                result.memory_mode, result.dtype = loaded.memory_mode, loaded.dtype
-                result.speed = loaded.speed.as_dict()
-
-                def call() -> np.ndarray:
-                    rendered = engine.render(self.request())
-                    result.memory_mode = rendered.memory_mode  # an OOM fallback shows here
-                    # A package that could not be built ran under torch.compile: say so beside its time.
-                    assert result.speed is not None
-                    result.speed["aot_fallbacks"] = rendered.speed["aot_fallbacks"]
-                    return rendered.frames
-
-            times: list[float] = []
-            frames = None
-            for index in range(self.args.warmup + self.args.repeats):
-                sync(self.device)
-                start = time.perf_counter()
-                frames = call()
-                sync(self.device)
-                seconds = time.perf_counter() - start
-                if index == 0:
-                    result.first_call_seconds = round(seconds, 3)
-                if index >= self.args.warmup:
-                    times.append(round(seconds, 3))
-            assert frames is not None
-            result.seconds = times
-            result.median_seconds = round(statistics.median(times), 3)
-            result.nonfinite = not bool(np.isfinite(frames.astype(np.float64)).all())
+            call = self.stock_call(result) if fields is None else self.engine_call(fields, result)
+            frames = self.time_calls(call, result)
             if fields is None and self.reference is None:
                 self.reference = frames
                 self.stock_median = result.median_seconds
-            result.drift_rel_l2, result.drift_max_abs = frames_drift(frames, self.reference)
-            if is_cuda:
-                result.peak_gib = gib(torch.cuda.max_memory_allocated())
-                result.host_syncs = count_host_syncs(call)
-            if self.stock_median:
-                result.speedup_vs_stock = round(self.stock_median / result.median_seconds, 3)
-            if name == self.args.profile:
-                self.profile(call, name)
-            if self.flops_per_video:
-                result.tflops = round(self.flops_for(fields) / result.median_seconds / 1e12, 3)
-                if self.matmul_peak:
-                    result.share_of_matmul_peak = round(result.tflops / self.matmul_peak, 3)
+            self.score(name, fields, call, frames, result)
         except Exception as error:  # report and go on with the next variant
             import traceback
 
             traceback.print_exc()
             result.status, result.error = "failed", f"{type(error).__name__}: {error}"[:500]
         finally:
-            engine = pipe = None  # drop the model before the next variant
+            call = None  # drop the model (the call holds it) before the next variant
             free_all(self.device)
             if is_cuda:
                 torch.cuda.set_per_process_memory_fraction(1.0)
         return result
+
+    def stock_call(self, result: VariantResult) -> Callable[[], np.ndarray]:
+        """The stock diffusers pipeline, loaded; FLOPs counted on it once per run."""
+        start = time.perf_counter()
+        pipe = self.load_stock()
+        result.load_seconds = round(time.perf_counter() - start, 3)
+        if self.flops_per_video is None and self.args.count_flops:
+            self.flops_per_video = self.count_flops(pipe)
+        result.memory_mode, result.dtype = "full", str(pipe.unet.dtype).split(".")[-1]
+        return lambda: self.call_stock(pipe)
+
+    def engine_call(self, fields: dict[str, Any], result: VariantResult) -> Callable[[], np.ndarray]:
+        """The engine with these ``EngineOptions`` fields, warmed: the tasks' own code path."""
+        from infra.engine.engine import Engine
+        from infra.engine.loader import EngineOptions
+
+        options = EngineOptions(device=self.device, **fields)
+        if options.compile_cache_dir is None and self.args.compile_cache:
+            options = EngineOptions(device=self.device, compile_cache_dir=self.args.compile_cache, **fields)
+        engine = Engine(options, model_cache=self.model_cache)
+        start = time.perf_counter()
+        loaded = engine.warm(self.model_source)
+        result.load_seconds = round(time.perf_counter() - start, 3)
+        result.memory_mode, result.dtype = loaded.memory_mode, loaded.dtype
+        result.speed = loaded.speed.as_dict()
+
+        def call() -> np.ndarray:
+            rendered = engine.render(self.request())
+            result.memory_mode = rendered.memory_mode  # an OOM fallback shows here
+            # A package that could not be built ran under torch.compile: say so beside its time.
+            assert result.speed is not None
+            result.speed["aot_fallbacks"] = rendered.speed["aot_fallbacks"]
+            return rendered.frames
+
+        return call
+
+    def time_calls(self, call: Callable[[], np.ndarray], result: VariantResult) -> np.ndarray:
+        """Warm-up then timed calls (the first call's time kept apart); the last call's frames."""
+        times: list[float] = []
+        frames = None
+        for index in range(self.args.warmup + self.args.repeats):
+            sync(self.device)
+            start = time.perf_counter()
+            frames = call()
+            sync(self.device)
+            seconds = time.perf_counter() - start
+            if index == 0:
+                result.first_call_seconds = round(seconds, 3)
+            if index >= self.args.warmup:
+                times.append(round(seconds, 3))
+        assert frames is not None
+        result.seconds = times
+        result.median_seconds = round(statistics.median(times), 3)
+        return frames
+
+    def score(self, name: str, fields: dict[str, Any] | None, call: Callable[[], np.ndarray],
+              frames: np.ndarray, result: VariantResult) -> None:
+        """Drift against stock, peak memory, host syncs, speed-up, TFLOP/s; the profile if asked."""
+        import torch
+
+        result.nonfinite = not bool(np.isfinite(frames.astype(np.float64)).all())
+        result.drift_rel_l2, result.drift_max_abs = frames_drift(frames, self.reference)
+        if cuda_ok(self.device):
+            result.peak_gib = gib(torch.cuda.max_memory_allocated())
+            result.host_syncs = count_host_syncs(call)
+        if self.stock_median:
+            result.speedup_vs_stock = round(self.stock_median / result.median_seconds, 3)
+        if name == self.args.profile:
+            self.profile(call, name)
+        if self.flops_per_video:
+            result.tflops = round(self.flops_for(fields) / result.median_seconds / 1e12, 3)
+            if self.matmul_peak:
+                result.share_of_matmul_peak = round(result.tflops / self.matmul_peak, 3)
 
 
 KERNEL_KINDS = (  # first match wins: (kind, name fragments); inductor names its kernels after
