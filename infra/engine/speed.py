@@ -253,12 +253,11 @@ def configure_inductor(plan: SpeedPlan) -> None:
     """
     import torch._inductor.config as inductor_config
 
-    if plan.channels_last:
-        # Inductor's own heuristic keeps the UNet's convolutions NCHW, so cuDNN transposes
-        # around every one of them; force channels-last layouts inside compiled graphs.
-        inductor_config.force_layout_optimization = True
-    # The lever owns this switch (TORCHINDUCTOR_COORDINATE_DESCENT_TUNING would otherwise tune
-    # some models of a process and not others).
+    # Inductor's own heuristic keeps the UNet's convolutions NCHW, so cuDNN transposes around
+    # every one of them; ``channels_last`` forces channels-last layouts inside compiled graphs.
+    # The plan owns both switches, both ways: one left on by an earlier plan (or by
+    # TORCHINDUCTOR_COORDINATE_DESCENT_TUNING) would change this plan's kernels and its packages' key.
+    inductor_config.force_layout_optimization = plan.channels_last
     inductor_config.coordinate_descent_tuning = plan.coordinate_descent_tuning
 
 

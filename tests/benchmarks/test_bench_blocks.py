@@ -12,7 +12,12 @@ from benchmarks.bench_blocks import run
 from infra.engine.speed import REGION_CLASSES
 
 
-def test_tiny_run_covers_every_block_call_and_compiles_the_costliest(tmp_path: Path) -> None:
+def test_tiny_run_covers_every_block_call_and_compiles_the_costliest(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch._inductor.config as inductor_config
+
+    for switch in ("force_layout_optimization", "coordinate_descent_tuning"):  # the run sets them process-wide
+        monkeypatch.setattr(inductor_config, switch, getattr(inductor_config, switch))
     report = run(["--tiny", "--size", "64", "--frames", "4", "--settings", "eager,default", "--limit", "1",
                   "--out", str(tmp_path)])
 
