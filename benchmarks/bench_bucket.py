@@ -44,7 +44,6 @@ from tests.s3server import S3Server
 TOKEN = "bench-token"
 
 
-
 class Moto:
     """moto's server on a fixed port; its data lives in this process and survives a restart."""
 
@@ -166,6 +165,88 @@ def latency(client: Any, bucket: str, prefix: str, jobs: int, mode: str) -> list
     return rows
 
 
+def start_stack(sup: Supervisor, s3: S3Server, work: Path, state: Path) -> None:
+    """A fresh Prefect server, the deployment, the flow and GPU workers, all pointed at ``s3``."""
+    sup.env.pop("PREFECT_API_URL")
+    sup.env["PREFECT_HOME"] = str(state / "prefect")
+    api = start_prefect_server(sup, free_port(), lambda m: None)
+    sup.env = prefect_env(api, state, {
+        "I2VFLOW_MODEL_CACHE": str(work / "models"), "I2VFLOW_STATE_DIR": str(state),
+        "PREFECT_HOME": str(state / "prefect"), "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "I2VFLOW_S3_ENDPOINT": s3.endpoint, "I2VFLOW_S3_REGION": s3.region,
+        "I2VFLOW_S3_ACCESS_KEY": s3.access_key, "I2VFLOW_S3_SECRET_KEY": s3.secret_key})
+    os.environ.update({k: sup.env[k] for k in ("PREFECT_API_URL", "PREFECT_LOCAL_STORAGE_PATH")})
+    apply_deployments(sup.env, "i2vflow", 1)
+    start_workers(sup, "i2vflow")
+
+
+def polling_and_push_latency(s3: S3Server, base: dict[str, Any], state: Path, jobs: int) -> dict[str, Any]:
+    """Steps 2 and 3: put -> run created, polling at the default interval, then pushed through a webhook."""
+    client = s3.client()
+    inbox, outbox = "s3://assets/inbox", "s3://assets/outbox"
+    settings = Settings(inbox=inbox, outbox=outbox, state_dir=state / "poll", **base)
+    summary: dict[str, Any] = {"poll_seconds": settings.poll_seconds, "settle_seconds": settings.settle_seconds}
+    watcher, stop, close = start_watcher(settings)
+    rows = latency(client, "assets", "poll", jobs, "polling")
+    stop_watcher(watcher, stop, close)
+
+    # moto S3 -> SNS -> HTTP subscription -> webhook (polling every 120 s behind it)
+    port = free_port()
+    settings = Settings(inbox=inbox, outbox=outbox, state_dir=state / "hook", poll_seconds=120,
+                        webhook_port=port, webhook_token=TOKEN, **base)
+    watcher, stop, close = start_watcher(settings)
+    sns = boto3.client("sns", endpoint_url=s3.url, region_name=s3.region,
+                       aws_access_key_id=s3.access_key, aws_secret_access_key=s3.secret_key)
+    topic = sns.create_topic(Name="assets-events")["TopicArn"]
+    sns.subscribe(TopicArn=topic, Protocol="http", Endpoint=f"http://sns:{TOKEN}@127.0.0.1:{port}/sns")
+    client.set_bucket_notification("assets", NotificationConfig(topic_config_list=[TopicConfig(
+        ["s3:ObjectCreated:*"], config_id="i2vflow", topic=topic, prefix_filter_rule=PrefixFilterRule("inbox/"))]))
+    time.sleep(1)
+    rows += latency(client, "assets", "hook", jobs, "webhook")
+    stop_watcher(watcher, stop, close)
+    client.delete_bucket_notification("assets")
+    summary["latency"] = rows
+    for mode in ("polling", "webhook"):
+        values = [r["put_to_run_created_s"] for r in rows if r["mode"] == mode]
+        summary[f"{mode}_put_to_run_created_s"] = {
+            "median": round(statistics.median(values), 3), "min": min(values), "max": max(values)}
+    return summary
+
+
+def outage(moto: Moto, base: dict[str, Any], state: Path, down: float) -> dict[str, Any]:
+    """Step 4: the S3 server goes away while a run is running, then comes back on its port."""
+    s3 = moto.info
+    settings = Settings(inbox="s3://assets/inbox", outbox="s3://assets/outbox", state_dir=state / "outage", **base)
+    watcher, stop, close = start_watcher(settings)
+    put_job(s3.client(), "assets", "outage-0", 0)
+    run = run_created("outage-0")
+    wait_state(run.id, lambda s: s.is_running())
+    moto.stop()
+    down_at = time.monotonic()
+    time.sleep(down)
+    moto.start()
+    up_at = time.monotonic()
+    scans_before = _scan_count(watcher)
+    fresh = make_client(s3.endpoint, s3.access_key, s3.secret_key, region=s3.region)
+    put_at = put_job(fresh, "assets", "after-0", 1)
+    after = run_created("after-0", timeout=180)
+    relisted = time.monotonic()
+    first = wait_state(run.id, lambda s: s.is_final())
+    second = wait_state(after.id, lambda s: s.is_final())
+    outputs = sorted(o.object_name for o in fresh.list_objects("assets", prefix="outbox/", recursive=True)
+                     if "outage" in (o.object_name or "") or "after" in (o.object_name or ""))
+    stop_watcher(watcher, stop, close)
+    return {
+        "down_s": round(up_at - down_at, 1),
+        "run_in_flight_final_state": f"{first.type.value}: {(first.message or '')[:300]}",
+        "restart_to_next_job_run_created_s": round(relisted - up_at, 2),
+        "put_after_restart_to_run_created_s": round(after.created.timestamp() - put_at, 2),
+        "job_after_restart_final_state": second.type.value,
+        "outputs": outputs,
+        "watcher_scans_during_recovery": scans_before,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--objects", type=int, default=10_000)
@@ -177,87 +258,17 @@ def main() -> None:
     state = work / "state"
     moto = Moto(free_port())
     moto.start()
-    s3 = moto.info
-    base = s3.settings_kwargs()
+    base = moto.info.settings_kwargs()
     summary: dict[str, Any] = {"cpus": os.cpu_count()}
     summary["listing"] = listing_cost(moto, args.objects, base, work)
     print(json.dumps(summary["listing"]), flush=True)
 
     sup = Supervisor(env=prefect_env("", state), log_dir=state / "logs")
-    sup.env.pop("PREFECT_API_URL")
-    sup.env["PREFECT_HOME"] = str(state / "prefect")
     try:
-        api = start_prefect_server(sup, free_port(), lambda m: None)
-        sup.env = prefect_env(api, state, {
-            "I2VFLOW_MODEL_CACHE": str(work / "models"), "I2VFLOW_STATE_DIR": str(state),
-            "PREFECT_HOME": str(state / "prefect"), "PREFECT_WORKER_QUERY_SECONDS": "1",
-            "I2VFLOW_S3_ENDPOINT": s3.endpoint, "I2VFLOW_S3_REGION": s3.region,
-            "I2VFLOW_S3_ACCESS_KEY": s3.access_key, "I2VFLOW_S3_SECRET_KEY": s3.secret_key})
-        os.environ.update({k: sup.env[k] for k in ("PREFECT_API_URL", "PREFECT_LOCAL_STORAGE_PATH")})
-        apply_deployments(sup.env, "i2vflow", 1)
-        start_workers(sup, "i2vflow")
-        client = s3.client()
-        client.make_bucket("assets")
-        inbox, outbox = "s3://assets/inbox", "s3://assets/outbox"
-
-        # 2. polling at the default interval
-        settings = Settings(inbox=inbox, outbox=outbox, state_dir=state / "poll", **base)
-        summary["poll_seconds"], summary["settle_seconds"] = settings.poll_seconds, settings.settle_seconds
-        watcher, stop, close = start_watcher(settings)
-        rows = latency(client, "assets", "poll", args.jobs, "polling")
-        stop_watcher(watcher, stop, close)
-
-        # 3. push: moto S3 -> SNS -> HTTP subscription -> webhook (polling every 120 s behind it)
-        port = free_port()
-        settings = Settings(inbox=inbox, outbox=outbox, state_dir=state / "hook", poll_seconds=120,
-                            webhook_port=port, webhook_token=TOKEN, **base)
-        watcher, stop, close = start_watcher(settings)
-        sns = boto3.client("sns", endpoint_url=s3.url, region_name=s3.region,
-                           aws_access_key_id=s3.access_key, aws_secret_access_key=s3.secret_key)
-        topic = sns.create_topic(Name="assets-events")["TopicArn"]
-        sns.subscribe(TopicArn=topic, Protocol="http", Endpoint=f"http://sns:{TOKEN}@127.0.0.1:{port}/sns")
-        client.set_bucket_notification("assets", NotificationConfig(topic_config_list=[TopicConfig(
-            ["s3:ObjectCreated:*"], config_id="i2vflow", topic=topic, prefix_filter_rule=PrefixFilterRule("inbox/"))]))
-        time.sleep(1)
-        rows += latency(client, "assets", "hook", args.jobs, "webhook")
-        stop_watcher(watcher, stop, close)
-        client.delete_bucket_notification("assets")
-        summary["latency"] = rows
-        for mode in ("polling", "webhook"):
-            values = [r["put_to_run_created_s"] for r in rows if r["mode"] == mode]
-            summary[f"{mode}_put_to_run_created_s"] = {
-                "median": round(statistics.median(values), 3), "min": min(values), "max": max(values)}
-
-        # 4. the S3 server goes away while a run is running
-        settings = Settings(inbox=inbox, outbox=outbox, state_dir=state / "outage", **base)
-        watcher, stop, close = start_watcher(settings)
-        put_job(client, "assets", "outage-0", 0)
-        run = run_created("outage-0")
-        wait_state(run.id, lambda s: s.is_running())
-        moto.stop()
-        down_at = time.monotonic()
-        time.sleep(args.down)
-        moto.start()
-        up_at = time.monotonic()
-        scans_before = _scan_count(watcher)
-        fresh = make_client(s3.endpoint, s3.access_key, s3.secret_key, region=s3.region)
-        put_at = put_job(fresh, "assets", "after-0", 1)
-        after = run_created("after-0", timeout=180)
-        relisted = time.monotonic()
-        first = wait_state(run.id, lambda s: s.is_final())
-        second = wait_state(after.id, lambda s: s.is_final())
-        outputs = sorted(o.object_name for o in fresh.list_objects("assets", prefix="outbox/", recursive=True)
-                         if "outage" in (o.object_name or "") or "after" in (o.object_name or ""))
-        summary["restart"] = {
-            "down_s": round(up_at - down_at, 1),
-            "run_in_flight_final_state": f"{first.type.value}: {(first.message or '')[:300]}",
-            "restart_to_next_job_run_created_s": round(relisted - up_at, 2),
-            "put_after_restart_to_run_created_s": round(after.created.timestamp() - put_at, 2),
-            "job_after_restart_final_state": second.type.value,
-            "outputs": outputs,
-            "watcher_scans_during_recovery": scans_before,
-        }
-        stop_watcher(watcher, stop, close)
+        start_stack(sup, moto.info, work, state)
+        moto.info.client().make_bucket("assets")
+        summary.update(polling_and_push_latency(moto.info, base, state, args.jobs))
+        summary["restart"] = outage(moto, base, state, args.down)
     finally:
         sup.stop()
         if moto.server is not None:
