@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import psutil
-import pytest
 
 from infra.service import PROJECT_ROOT
 from tests.helpers import wait_for
@@ -48,17 +47,6 @@ def test_flow_worker_serves_the_pool_from_a_fork_server_and_stops_with_both(pref
     assert "i2vflow forkserver: 3 module(s) imported" in out  # the children write to its output
     wait_for(lambda: not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children.values()),
              timeout=20, what="both children stopped")
-
-
-
-@pytest.fixture(scope="module")
-def tiny_model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from infra.engine.registry import REGISTRY
-    from infra.engine.tiny import build_tiny_i2vgenxl
-
-    cache = tmp_path_factory.mktemp("models")
-    build_tiny_i2vgenxl(cache / REGISTRY["tiny"].source)
-    return cache
 
 
 def run_compile(tmp_path: Path, models: Path, **settings: str) -> subprocess.CompletedProcess[str]:
