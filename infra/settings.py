@@ -23,6 +23,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from infra.engine.guidance_interval import check_interval
 from infra.logging import register_secret
 
 
@@ -131,6 +132,10 @@ class Settings(BaseSettings):
                                                    "DPM-Solver++ instead of the model's DDIM (pair with max_steps).")
     max_steps: int | None = Field(None, ge=1, description="Quality-trading, opt-in: cap every job's denoising "
                                   "steps (the sidecar records the steps really run).")
+    guidance_interval: Annotated[tuple[float, float] | None, NoDecode] = Field(
+        None, description="Quality-trading, opt-in: LOW,HIGH noise levels (timestep / 1000: 1 is pure noise, "
+        "0 a clean image) where classifier-free guidance runs, e.g. 0.1,0.9; elsewhere a step runs the UNet "
+        "on the prompt alone, about half its work (the sidecar records the steps guided).")
     oom_fallback: bool = True
     warmup_shapes: str = Field("", description="WxHxF,... rendered (2 steps) at GPU-worker start; "
                                "empty: the model's default size at 16 frames.")
@@ -173,6 +178,20 @@ class Settings(BaseSettings):
     @classmethod
     def _comma_list(cls, value: object) -> object:
         return [item.strip() for item in value.split(",") if item.strip()] if isinstance(value, str) else value
+
+    @field_validator("guidance_interval", mode="before")
+    @classmethod
+    def _low_high(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(item.strip() for item in value.split(",")) if value.strip() else None
+        return value
+
+    @field_validator("guidance_interval")
+    @classmethod
+    def _noise_levels(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None:
+            check_interval(value)
+        return value
 
     def offers_model(self, model: str) -> bool:
         """Whether a job may ask for ``model`` (its own \"model\" field)."""

@@ -128,7 +128,8 @@ def engine_options() -> Any:
                          channels_last_group_norm=settings.channels_last_group_norm,
                          coordinate_descent_tuning=settings.coordinate_descent_tuning,
                          fp8_linear=settings.fp8_linear,
-                         scheduler=settings.scheduler, max_steps=settings.max_steps)
+                         scheduler=settings.scheduler, max_steps=settings.max_steps,
+                         guidance_interval=settings.guidance_interval)
 
 
 def _retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:

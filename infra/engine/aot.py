@@ -21,12 +21,14 @@ that signature runs under ``torch.compile`` instead and the reason is logged and
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -144,11 +146,8 @@ class AotDispatcher:
             # A Python number is baked into the graph: every new value would compile again.
             raise ValueError(f"a call with Python number arguments ({scalars[:3]}) cannot be packaged")
         start = time.perf_counter()
-        forward = self.module.__dict__.pop("forward")  # export must trace the real forward
-        try:
+        with _forward_alone(self.module):
             exported = torch.export.export(self.module, args, kwargs, strict=False)
-        finally:
-            self.module.forward = forward
         traced = time.perf_counter()
         self.folder.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(dir=self.folder, prefix=f".{path.stem}-", suffix=".tmp.pt2")
@@ -171,6 +170,21 @@ class AotDispatcher:
             original = type(self.module).forward.__get__(self.module)
             self._jit = torch.compile(original, dynamic=False)
         return self._jit(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _forward_alone(module: torch.nn.Module) -> Iterator[None]:
+    """Let export trace the module's own forward, without this dispatcher and without the module's
+    hooks: a package stands in for ``forward``, and the hooks (``host_timesteps``,
+    ``guidance_interval``) already ran around this call; traced again they would apply twice."""
+    forward = module.__dict__.pop("forward")
+    hooks = module._forward_pre_hooks, module._forward_hooks
+    module._forward_pre_hooks, module._forward_hooks = OrderedDict(), OrderedDict()
+    try:
+        yield
+    finally:
+        module.forward = forward
+        module._forward_pre_hooks, module._forward_hooks = hooks
 
 
 def _open_package(path: Path) -> Any:

@@ -24,6 +24,7 @@ import PIL.Image
 import structlog
 import torch
 
+from infra.engine.guidance_interval import steps_guided
 from infra.engine.loader import EngineOptions, LoadedModel, free_memory, load_pipeline
 from infra.engine.registry import NOISE_WARNING, ModelEntry, resolve_model
 from infra.engine.speed import aot_fallbacks, attention_context
@@ -98,6 +99,7 @@ class RenderResult:
     oom_fallback_used: bool
     speed: dict = field(default_factory=dict)  # the speed levers this render ran with
     steps_run: int = 0  # denoising steps really run (``max_steps`` may cap the request's)
+    steps_guided: int = 0  # of those, steps with classifier-free guidance (``guidance_interval`` may skip some)
     wait_seconds: float = 0.0  # queued behind another render of this process (a GPU worker's staged job)
 
 
@@ -217,6 +219,10 @@ class Engine:
         if warmup is not None:
             start = time.perf_counter()
             self.render(replace(warmup, model=model))
+            if loaded.speed.guidance_interval is not None:
+                # Steps outside the interval call the UNet with one half: its own compiled graph. An
+                # unguided first step has that call's signature (later ones pass permuted latents).
+                self.render(replace(warmup, model=model, guidance_scale=1.0, steps=1))
             log.info("model.warmed", model=model, seconds=round(time.perf_counter() - start, 3))
         return loaded
 
@@ -398,7 +404,16 @@ class Engine:
             oom_fallback_used=fallback_used,
             speed=loaded.speed.as_dict() | {"aot_fallbacks": aot_fallbacks(loaded.pipeline)},
             steps_run=loaded.speed.steps_for(request.steps),
+            steps_guided=_steps_guided(request, loaded),
         )
+
+
+def _steps_guided(request: RenderRequest, loaded: LoadedModel) -> int:
+    """Steps of the render just run that had classifier-free guidance (none at a scale of 1 or less)."""
+    if request.guidance_scale <= 1:
+        return 0
+    scheduler = loaded.pipeline.scheduler
+    return steps_guided(scheduler.timesteps, loaded.speed.guidance_interval, scheduler.config.num_train_timesteps)
 
 
 def model_loads_in_process() -> int:

@@ -70,6 +70,8 @@ class EngineOptions:
     ``gpu_memory_gb``: cap this process's GPU memory (emulates a smaller card; ``auto``
     memory mode then decides within the cap).
     ``scheduler``, ``max_steps``: quality-trading, opt-in only (``dpm++``; a cap on steps).
+    ``guidance_interval``: quality-trading, opt-in only: ``(low, high)`` noise levels (timestep /
+    training timesteps) where classifier-free guidance runs; elsewhere one UNet half per step.
     """
 
     device: str = "auto"
@@ -95,6 +97,7 @@ class EngineOptions:
     gpu_memory_gb: float | None = None
     scheduler: str = "default"
     max_steps: int | None = None
+    guidance_interval: tuple[float, float] | None = None
 
     def check(self) -> None:
         """Raise a precise ``ValueError`` for an option outside its allowed values."""

@@ -30,8 +30,10 @@ pays where the compile cache persists: long-lived hosts, or a fleet image that s
 
 Quality-trading levers are never part of a preset: ``scheduler="dpm++"`` (DPM-Solver++, which
 reaches a usable image in fewer steps than the pipeline's DDIM) and ``max_steps`` (cap the
-denoising steps of every job). They change the output; the benchmark reports by how much
-(drift against stock), and each video's sidecar names them and the steps really run.
+denoising steps of every job) and ``guidance_interval`` (classifier-free guidance only at the
+noise levels within ``[low, high]``; elsewhere the UNet runs on the prompt's half alone, half a
+step's work). They change the output; the benchmark reports by how much (drift against stock),
+and each video's sidecar names them and the steps really run (and guided).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import torch
 
-from infra.engine import aot, fp8, group_norm, short_attention
+from infra.engine import aot, fp8, group_norm, guidance_interval, short_attention
 from infra.engine.host_timesteps import keep_timesteps_on_host
 
 if TYPE_CHECKING:
@@ -90,6 +92,7 @@ class SpeedPlan:
     fp8_linear: bool = False
     scheduler: str = "default"  # quality-trading (opt-in only)
     max_steps: int | None = None  # quality-trading (opt-in only)
+    guidance_interval: tuple[float, float] | None = None  # quality-trading (opt-in only)
     skipped: tuple[str, ...] = ()
 
     def steps_for(self, requested: int) -> int:
@@ -138,6 +141,8 @@ def check_options(options: EngineOptions) -> None:
         raise ValueError(f"`scheduler` must be one of {SCHEDULERS} but is {options.scheduler!r}")
     if options.max_steps is not None and options.max_steps < 1:
         raise ValueError(f"`max_steps` must be None or >= 1 but is {options.max_steps}")
+    if options.guidance_interval is not None:
+        guidance_interval.check_interval(options.guidance_interval)
     if options.gpu_memory_gb is not None and options.gpu_memory_gb <= 0:
         raise ValueError(f"`gpu_memory_gb` must be None or > 0 but is {options.gpu_memory_gb}")
 
@@ -161,7 +166,8 @@ def resolve_plan(options: EngineOptions, device: str, memory_mode: str) -> Speed
     if options.attention != "auto":
         overrides["attention"] = options.attention
     plan = replace(PRESETS[preset], **overrides, compile_scope=options.compile_scope, fp8_linear=options.fp8_linear,
-                   scheduler=options.scheduler, max_steps=options.max_steps)
+                   scheduler=options.scheduler, max_steps=options.max_steps,
+                   guidance_interval=options.guidance_interval)
     plan, skipped = _without_what_cannot_apply(plan, device, memory_mode)
     if plan.compile == "off":
         plan = replace(plan, compile_scope="model")
@@ -306,6 +312,8 @@ def apply_plan(pipeline: DiffusionPipeline, plan: SpeedPlan) -> SpeedPlan:
 
         # Same noise schedule (betas, zero-SNR rescaling, spacing) as the model's own scheduler.
         pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)
+    if plan.guidance_interval is not None:
+        guidance_interval.use_guidance_interval(pipeline, plan.guidance_interval)
     if plan.host_timesteps:
         keep_timesteps_on_host(pipeline)
     if plan.cudnn_benchmark:

@@ -46,7 +46,7 @@ def test_drop_gives_video_and_sidecar(start_watcher, tmp_path: Path) -> None:
     assert set(sidecar["timings_seconds"]) >= {"load_inputs", "render", "encode_on_gpu_worker", "model_load"}
     # What the engine really ran: speed levers (none on a CPU) and every requested step.
     assert sidecar["engine"]["speed"]["preset"] == "stock" and sidecar["engine"]["speed"]["scheduler"] == "default"
-    assert sidecar["engine"]["steps_run"] == 10
+    assert sidecar["engine"]["steps_run"] == sidecar["engine"]["steps_guided"] == 10
     assert tree_digest(inbox) == before, "inputs must never be modified"
     runs = flow_runs_named([f"shoe-{sidecar['job_id'][:6]}"])
     assert len(runs) == 1 and str(runs[0].id) == sidecar["prefect"]["flow_run_id"]
