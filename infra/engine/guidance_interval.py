@@ -68,8 +68,8 @@ class GuidanceInterval:
         """Pre-hook: outside the interval, every input batched like the sample keeps its second half."""
         sample = args[0] if args else kwargs["sample"]
         timestep = args[1] if len(args) > 1 else kwargs["timestep"]
-        guided = is_guided(timestep, self.interval, self.train_timesteps)
-        self.halved = self._pipeline_guides() and not guided and sample.shape[0] % 2 == 0
+        self.halved = (self._pipeline_guides() and sample.shape[0] % 2 == 0
+                       and not is_guided(timestep, self.interval, self.train_timesteps))
         if not self.halved:
             return None
         import torch
