@@ -82,6 +82,7 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     # Guidance only at sigma in (0.28, 5.42]: the interval Kynkaenniemi et al. (2024) found best for
     # SD-XL, at I2VGen-XL's noise levels (timesteps 165-875 of 1000).
     "fast-interval": {"preset": "fast", "guidance_interval": (0.17, 0.87)},
+    "interval": {"preset": "stock", "guidance_interval": (0.17, 0.87)},
     "fast-exact-blocks": {"preset": "fast", "short_attention": True, "compile_vae": True, "compile_scope": "blocks"},
 }
 DEFAULT_GPU_VARIANTS = "stock,fast,fast-cudagraphs"
