@@ -404,13 +404,13 @@ class Engine:
             oom_fallback_used=fallback_used,
             speed=loaded.speed.as_dict() | {"aot_fallbacks": aot_fallbacks(loaded.pipeline)},
             steps_run=loaded.speed.steps_for(request.steps),
-            steps_guided=_steps_guided(request, loaded),
+            steps_guided=_steps_guided(loaded),
         )
 
 
-def _steps_guided(request: RenderRequest, loaded: LoadedModel) -> int:
-    """Steps of the render just run that had classifier-free guidance (none at a scale of 1 or less)."""
-    if request.guidance_scale <= 1:
+def _steps_guided(loaded: LoadedModel) -> int:
+    """Steps of the render just run that had classifier-free guidance (by the pipeline's own rule)."""
+    if not loaded.pipeline.do_classifier_free_guidance:
         return 0
     scheduler = loaded.pipeline.scheduler
     return steps_guided(scheduler.timesteps, loaded.speed.guidance_interval, scheduler.config.num_train_timesteps)
