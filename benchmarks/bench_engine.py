@@ -226,6 +226,7 @@ class Bench:
         self.flops_per_video: float | None = None
         self.flops_fixed = self.flops_per_step = 0.0
         self.matmul_peak: float | None = None
+        self.engine: Any = None  # the engine variant's, closed before the next variant
 
     def request(self, steps: int | None = None) -> Any:
         from infra.engine.engine import RenderRequest
@@ -330,6 +331,9 @@ class Bench:
             result.status, result.error = "failed", f"{type(error).__name__}: {error}"[:500]
         finally:
             call = None  # drop the model (the call holds it) before the next variant
+            if self.engine is not None:
+                self.engine.close()  # gives back the weights AOT packages hold too
+                self.engine = None
             free_all(self.device)
             if is_cuda:
                 torch.cuda.set_per_process_memory_fraction(1.0)
@@ -353,7 +357,7 @@ class Bench:
         options = EngineOptions(device=self.device, **fields)
         if options.compile_cache_dir is None and self.args.compile_cache:
             options = EngineOptions(device=self.device, compile_cache_dir=self.args.compile_cache, **fields)
-        engine = Engine(options, model_cache=self.model_cache)
+        engine = self.engine = Engine(options, model_cache=self.model_cache)
         start = time.perf_counter()
         loaded = engine.warm(self.model_source)
         result.load_seconds = round(time.perf_counter() - start, 3)

@@ -6,7 +6,10 @@ is the compiled model itself: a later process opens it in a fraction of a second
 for the UNet on an H100 host) and calls it without Dynamo. Packages hold no weights
 (``package_constants_in_so=False``): the live module's own parameters are handed to the package
 (``user_managed``), so GPU memory is not doubled and the weights stay the ones the model was
-loaded with.
+loaded with. That includes the smallest ones: inductor writes a 1-D weight of up to 8 values
+(the UNet's and the decoder's last biases) into the kernels' code unless told to keep every tensor a
+constant (``always_keep_tensor_constants``), and such a package would give another model of the
+same architecture the first one's bias.
 
 ``use_aot_packages(module, cache_dir, name)`` routes the module's calls through an
 ``AotDispatcher``. Each call is keyed by its signature (tensor shapes, dtypes, strides, devices,
@@ -17,6 +20,12 @@ A known key runs its package; a new one is exported (``torch.export``), compiled
 loaded; workers racing for one package build it once (a file lock). If any of that fails,
 that signature runs under ``torch.compile`` instead and the reason is logged and kept in
 ``failures``: a render never fails because of this lever.
+
+AOTInductor's runtime keeps its own reference to every user-managed constant and never drops it
+(torch 2.11 and 2.13; pytorch/pytorch#194480 proposes the fix, and since the runtime is compiled
+into each package, packages built before a fix keep the leak): a dropped model's weights would
+stay allocated (+2.76 GiB per dropped ``fast`` UNet on an H100). ``AotDispatcher.release`` frees
+them when the engine drops a model.
 """
 
 from __future__ import annotations
@@ -40,6 +49,8 @@ from filelock import FileLock
 log = structlog.get_logger("i2vflow.engine")
 
 PACKAGE_DIR = "aot"
+# No weights in a package, not even the few values inductor would inline into its kernels' code.
+PACKAGE_CONFIGS = {"aot_inductor.package_constants_in_so": False, "always_keep_tensor_constants": True}
 # Inductor settings that change which kernel configs a compile picks (coordinate descent: the engine's
 # ``coordinate_descent_tuning`` lever; the max-autotune ones: inductor's environment variables).
 TUNING_SWITCHES = ("coordinate_descent_tuning", "max_autotune", "max_autotune_gemm", "max_autotune_pointwise")
@@ -69,6 +80,7 @@ def module_fingerprint(module: torch.nn.Module) -> str:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "capability": capability,
+        "package_configs": PACKAGE_CONFIGS,  # packages built with other settings (inlined weights) are rebuilt
         "architecture": repr(module),
         "processors": processors,
         "parameters": parameters,
@@ -89,6 +101,7 @@ class AotDispatcher:
         self.packages: dict[str, Callable[..., Any]] = {}
         self.failures: dict[str, str] = {}
         self.compiled = 0  # packages this process built (0 on a warm start)
+        self.handed: dict[str, torch.Tensor] = {}  # the weights the packages were given, by name
         self._jit: Callable[..., Any] | None = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -133,7 +146,9 @@ class AotDispatcher:
         missing = [fqn for fqn in wanted if fqn not in state]
         if missing:
             raise RuntimeError(f"package {path.name} wants constants the module lacks: {missing[:3]}")
-        package.load_constants({fqn: state[fqn] for fqn in wanted}, check_full_update=True, user_managed=True)
+        constants = {fqn: state[fqn] for fqn in wanted}
+        package.load_constants(constants, check_full_update=True, user_managed=True)
+        self.handed.update(constants)
         log.info("aot.loaded", module=self.name, package=path.name, open_seconds=round(opened - start, 3),
                  seconds=round(time.perf_counter() - start, 3))
         return package
@@ -155,7 +170,7 @@ class AotDispatcher:
         try:
             torch._inductor.aoti_compile_and_package(
                 exported, package_path=temporary,
-                inductor_configs={"aot_inductor.package_constants_in_so": False},
+                inductor_configs=dict(PACKAGE_CONFIGS),  # it adds its own entries to the dict
             )
             os.chmod(temporary, 0o644)  # mkstemp makes it private; other workers read it too
             os.replace(temporary, path)
@@ -164,6 +179,26 @@ class AotDispatcher:
         self.compiled += 1
         log.info("aot.compiled", module=self.name, package=path.name, export_seconds=round(traced - start, 1),
                  compile_seconds=round(time.perf_counter() - traced, 1))
+
+    def release(self) -> int:
+        """Empty every weight handed to a package, for good; return the bytes given back.
+
+        Only for a module about to be dropped: its weights are empty afterwards. The runtime's
+        references cannot be reached from Python, but they share each weight's tensor with the
+        module, so pointing that tensor at an empty storage lets the old one go (a GPU allocation,
+        or the memory-mapped file a CPU model was loaded from).
+        """
+        self.packages.clear()
+        storages = {}
+        with torch.no_grad():
+            for tensor in self.handed.values():
+                storage = tensor.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+                tensor.set_(torch.empty(0, dtype=tensor.dtype, device=tensor.device))
+        freed = sum(storages.values())
+        log.info("aot.released", module=self.name, weights=len(self.handed), bytes=freed)
+        self.handed.clear()
+        return freed
 
     def jit(self, *args: Any, **kwargs: Any) -> Any:
         if self._jit is None:

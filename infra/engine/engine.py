@@ -27,7 +27,7 @@ import torch
 from infra.engine.guidance_interval import steps_guided
 from infra.engine.loader import EngineOptions, LoadedModel, free_memory, load_pipeline
 from infra.engine.registry import NOISE_WARNING, ModelEntry, resolve_model
-from infra.engine.speed import aot_fallbacks, attention_context
+from infra.engine.speed import aot_fallbacks, attention_context, release_aot_packages
 
 log = structlog.get_logger("i2vflow.engine")
 
@@ -342,9 +342,22 @@ class Engine:
         """
         log.warning("render.oom_fallback", model=entry.name, memory_mode="offload")
         key = (entry.source, self.options)
-        self._models.pop(key, None)
-        free_memory()
+        if key in self._models:
+            self._drop(key)
         return self._load(entry, replace(self.options, memory_mode="offload"), key)
+
+    def _drop(self, key: tuple[str, EngineOptions]) -> None:
+        """Forget a loaded model and give its memory back, the weights AOT packages hold included."""
+        dropped = self._models.pop(key)
+        release_aot_packages(dropped.pipeline)
+        del dropped
+        free_memory()
+
+    def close(self) -> None:
+        """Drop every loaded model and give its memory back (the engine loads again if used)."""
+        with self._lock:
+            for key in list(self._models):
+                self._drop(key)
 
     def _get_model(self, entry: ModelEntry) -> tuple[LoadedModel, float]:
         """Return the cached model (load seconds 0) or load it, evicting the oldest."""
@@ -359,10 +372,9 @@ class Engine:
     ) -> tuple[LoadedModel, float]:
         global _loads_in_process
         while len(self._models) >= self.max_models:
-            evicted_key, _evicted = self._models.popitem(last=False)
+            evicted_key = next(iter(self._models))
             log.info("model.evicted", source=evicted_key[0])
-            del _evicted
-            free_memory()
+            self._drop(evicted_key)
         loaded = load_pipeline(entry, options)
         with _loads_lock:
             _loads_in_process += 1

@@ -341,15 +341,23 @@ def apply_plan(pipeline: DiffusionPipeline, plan: SpeedPlan) -> SpeedPlan:
     return plan
 
 
+def _packaged(pipeline: DiffusionPipeline) -> list[tuple[str, aot.AotDispatcher]]:
+    """The ``aot`` lever's dispatchers in ``pipeline``, by module name."""
+    vae = getattr(pipeline, "vae", None)
+    modules = (("unet", getattr(pipeline, "unet", None)), ("vae-decoder", getattr(vae, "decoder", None)))
+    found = [(name, getattr(module, "__dict__", {}).get("forward")) for name, module in modules]
+    return [(name, dispatcher) for name, dispatcher in found if isinstance(dispatcher, aot.AotDispatcher)]
+
+
 def aot_fallbacks(pipeline: DiffusionPipeline) -> list[str]:
     """Signatures the ``aot`` lever could not package (they ran under ``torch.compile``), why."""
-    reasons = []
-    vae = getattr(pipeline, "vae", None)
-    for name, module in (("unet", getattr(pipeline, "unet", None)), ("vae-decoder", getattr(vae, "decoder", None))):
-        dispatcher = getattr(module, "__dict__", {}).get("forward")
-        if isinstance(dispatcher, aot.AotDispatcher):
-            reasons += [f"{name}: {reason}" for reason in dispatcher.failures.values()]
-    return reasons
+    return [f"{name}: {reason}" for name, dispatcher in _packaged(pipeline) for reason in dispatcher.failures.values()]
+
+
+def release_aot_packages(pipeline: DiffusionPipeline) -> int:
+    """Free the weights ``pipeline``'s packages hold (AOTInductor never lets go of them: ``aot``);
+    only for a pipeline about to be dropped. Returns the bytes freed."""
+    return sum(dispatcher.release() for _name, dispatcher in _packaged(pipeline))
 
 
 def _compile(model: torch.nn.Module, mode: str | None, scope: str) -> None:
