@@ -295,7 +295,9 @@ class Engine:
         chunk = self.options.decode_chunk_size or (
             1 if loaded.device.startswith("cuda") else request.num_frames
         )
-        with attention_context(loaded.speed):
+        # No autograd: the pipeline's own call turns it off inside, but the decode below runs outside
+        # that call and would keep every VAE activation for a backward pass (+3 GiB at 512x16, eager).
+        with torch.no_grad(), attention_context(loaded.speed):
             # 4. Denoise: the pipeline up to its latents
             latents = self._denoise(loaded, request, generator)
             # 5. Decode, chunk by chunk, to uint8 frames

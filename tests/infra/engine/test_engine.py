@@ -82,6 +82,25 @@ def test_frames_are_the_pipelines_own_decode_handed_over_chunk_by_chunk(
     assert sink.restarts == 0
 
 
+def test_no_step_of_a_render_keeps_activations_for_a_backward_pass(engine: Engine, make_request: MakeRequest) -> None:
+    """The weights require grad (``from_pretrained`` leaves them so); the pipeline's call turns
+    autograd off inside, and the decode, which runs outside that call, must too: with autograd on,
+    every VAE activation stays allocated until the frame is done (+3 GiB at 512x16 on a GPU)."""
+    loaded = engine.warm(make_request().model)
+    assert any(weight.requires_grad for weight in loaded.pipeline.vae.parameters())
+    outputs: list[torch.Tensor] = []
+    hooks = [module.register_forward_hook(lambda _m, _i, out: outputs.append(out))
+             for module in (loaded.pipeline.unet.conv_out, loaded.pipeline.vae.decoder.conv_out)]
+    try:
+        engine.render(make_request(seed=4))
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+    assert len(outputs) > 2  # the UNet's steps and the decoder's frames were seen
+    assert [out.requires_grad for out in outputs] == [False] * len(outputs)
+
+
 def test_same_seed_gives_identical_frames_and_another_seed_does_not(
     engine: Engine, make_request: MakeRequest
 ) -> None:
