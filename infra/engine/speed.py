@@ -354,10 +354,11 @@ def aot_fallbacks(pipeline: DiffusionPipeline) -> list[str]:
     return [f"{name}: {reason}" for name, dispatcher in _packaged(pipeline) for reason in dispatcher.failures.values()]
 
 
-def release_aot_packages(pipeline: DiffusionPipeline) -> int:
+def release_aot_packages(pipeline: DiffusionPipeline) -> None:
     """Free the weights ``pipeline``'s packages hold (AOTInductor never lets go of them: ``aot``);
-    only for a pipeline about to be dropped. Returns the bytes freed."""
-    return sum(dispatcher.release() for _name, dispatcher in _packaged(pipeline))
+    only for a pipeline about to be dropped. Each dispatcher logs the bytes it gave back."""
+    for _name, dispatcher in _packaged(pipeline):
+        dispatcher.release()
 
 
 def _compile(model: torch.nn.Module, mode: str | None, scope: str) -> None:
