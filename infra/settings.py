@@ -120,6 +120,10 @@ class Settings(BaseSettings):
                                                   "along channels-last memory by a Triton kernel (CUDA) where "
                                                   "a norm's input outgrows the L2 cache; unset: the preset's "
                                                   "choice (on in fast).")
+    channels_last_inputs: bool | None = Field(None, description="Every UNet ResNet block's input stored "
+                                              "channels-last inside the compiled graph (with channels-last "
+                                              "and compilation); unset: the preset's choice (off in every "
+                                              "preset until measured on a GPU).")
     host_timesteps: bool | None = Field(None, description="Scheduler timesteps on the host: no host sync per "
                                         "denoising step; unset: the preset's choice (on in fast).")
     coordinate_descent_tuning: bool | None = Field(None, description="Inductor tunes every generated kernel "

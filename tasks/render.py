@@ -126,6 +126,7 @@ def engine_options() -> Any:
                          preset=settings.speed_preset, compile_scope=settings.compile_scope, aot=settings.compile_aot,
                          short_attention=settings.short_attention, host_timesteps=settings.host_timesteps,
                          channels_last_group_norm=settings.channels_last_group_norm,
+                         channels_last_inputs=settings.channels_last_inputs,
                          coordinate_descent_tuning=settings.coordinate_descent_tuning,
                          fp8_linear=settings.fp8_linear,
                          scheduler=settings.scheduler, max_steps=settings.max_steps,

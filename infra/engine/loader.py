@@ -61,6 +61,9 @@ class EngineOptions:
     ``channels_last_group_norm``: the temporal GroupNorms' statistics read along channels-last
     memory (a Triton kernel) where a norm's input outgrows the L2 cache (CUDA, with
     ``channels_last`` and compilation only; ``None`` takes the preset's choice).
+    ``channels_last_inputs``: every UNet ResNet block's input stored channels-last inside the
+    compiled graph (with ``channels_last`` and compilation only; ``None`` takes the preset's choice:
+    off in every preset until measured on a GPU).
     ``host_timesteps``: the scheduler's timesteps on the host, so no step waits for the GPU
     (``None`` takes the preset's choice).
     ``coordinate_descent_tuning``: inductor tunes each generated kernel by coordinate descent
@@ -91,6 +94,7 @@ class EngineOptions:
     aot: bool | None = None
     short_attention: bool | None = None
     channels_last_group_norm: bool | None = None
+    channels_last_inputs: bool | None = None
     host_timesteps: bool | None = None
     coordinate_descent_tuning: bool | None = None
     fp8_linear: bool = False

@@ -26,7 +26,10 @@ matmuls in the transformers, Hopper/Ada only; slower than fp16 at I2VGen-XL's sh
 changes numerics, so it stays off; the benchmark reports its speed and drift), and
 ``coordinate_descent_tuning`` (inductor tunes each generated kernel's launch by coordinate
 descent: 2.2% faster renders at 512x16 on an H100 for a first compile 2.5 times as long, so it
-pays where the compile cache persists: long-lived hosts, or a fleet image that ships it).
+pays where the compile cache persists: long-lived hosts, or a fleet image that ships it), and
+``channels_last_inputs`` (every ResNet block's input stored channels-last inside the compiled
+graph, so the up blocks' concatenated skip connections are not read across the grain; not yet
+timed on a GPU).
 
 Quality-trading levers are never part of a preset: ``scheduler="dpm++"`` (DPM-Solver++, which
 reaches a usable image in fewer steps than the pipeline's DDIM) and ``max_steps`` (cap the
@@ -49,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import torch
 
-from infra.engine import aot, fp8, group_norm, guidance_interval, short_attention
+from infra.engine import aot, channels_last, fp8, group_norm, guidance_interval, short_attention
 from infra.engine.host_timesteps import keep_timesteps_on_host
 
 if TYPE_CHECKING:
@@ -87,6 +90,7 @@ class SpeedPlan:
     aot: bool = False
     short_attention: bool = False
     channels_last_group_norm: bool = False
+    channels_last_inputs: bool = False
     host_timesteps: bool = False
     coordinate_descent_tuning: bool = False
     fp8_linear: bool = False
@@ -149,7 +153,8 @@ def check_options(options: EngineOptions) -> None:
 
 # EngineOptions fields where None means "the preset's".
 _PRESET_OVERRIDABLE = ("compile", "fuse_qkv", "channels_last", "cudnn_benchmark", "compile_vae", "short_attention",
-                       "channels_last_group_norm", "aot", "host_timesteps", "coordinate_descent_tuning")
+                       "channels_last_group_norm", "channels_last_inputs", "aot", "host_timesteps",
+                       "coordinate_descent_tuning")
 
 
 def resolve_plan(options: EngineOptions, device: str, memory_mode: str) -> SpeedPlan:
@@ -217,6 +222,10 @@ def _without_what_cannot_apply(plan: SpeedPlan, device: str, memory_mode: str) -
     if reason:
         skipped.append(f"channels_last_group_norm ({reason})")
         plan = replace(plan, channels_last_group_norm=False)
+    if plan.channels_last_inputs and (plan.compile == "off" or not plan.channels_last):
+        why = "needs compile: it sets a layout inside compiled graphs" if plan.channels_last else "needs channels_last"
+        skipped.append(f"channels_last_inputs ({why})")
+        plan = replace(plan, channels_last_inputs=False)
     if plan.coordinate_descent_tuning and (plan.compile == "off" or not device.startswith("cuda")):
         why = "needs compile" if plan.compile == "off" else "CUDA only: it tunes Triton kernels"
         skipped.append(f"coordinate_descent_tuning ({why})")
@@ -267,22 +276,6 @@ def configure_inductor(plan: SpeedPlan) -> None:
     inductor_config.coordinate_descent_tuning = plan.coordinate_descent_tuning
 
 
-def _channels_last(module: torch.nn.Module) -> int:
-    """Convolution weights to channels-last (2D) / channels-last-3d (3D); count converted.
-
-    ``module.to(memory_format=...)`` cannot do it: the UNet mixes rank-4 and rank-5 weights.
-    """
-    converted = 0
-    for sub in module.modules():
-        weight = getattr(sub, "weight", None)
-        if not isinstance(sub, torch.nn.Conv2d | torch.nn.Conv3d) or weight is None:
-            continue
-        fmt = torch.channels_last if weight.dim() == 4 else torch.channels_last_3d
-        weight.data = weight.data.contiguous(memory_format=fmt)
-        converted += 1
-    return converted
-
-
 def apply_plan(pipeline: DiffusionPipeline, plan: SpeedPlan) -> SpeedPlan:
     """Apply ``plan`` to a placed pipeline; return the plan as really applied."""
     skipped = list(plan.skipped)
@@ -298,9 +291,11 @@ def apply_plan(pipeline: DiffusionPipeline, plan: SpeedPlan) -> SpeedPlan:
     if plan.fp8_linear:
         fp8.use_fp8_linears(unet)
     if plan.channels_last:
-        _channels_last(unet)
+        channels_last.convert_weights(unet)
         if plan.compile_vae:
-            _channels_last(pipeline.vae.decoder)
+            channels_last.convert_weights(pipeline.vae.decoder)
+    if plan.channels_last_inputs:
+        channels_last.use_channels_last_resnet_inputs(unet)
     if plan.channels_last_group_norm:
         min_bytes = group_norm.min_tiled_bytes(unet.device)
         norms = group_norm.use_channels_last_group_norm(unet, min_bytes)

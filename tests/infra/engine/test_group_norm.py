@@ -18,6 +18,7 @@ import torch
 
 from infra.engine import group_norm as group_norm_module
 from infra.engine.aot import module_fingerprint
+from infra.engine.channels_last import convert_weights
 from infra.engine.engine import Engine, RenderRequest
 from infra.engine.group_norm import (
     TILE_POSITIONS,
@@ -28,7 +29,7 @@ from infra.engine.group_norm import (
     use_channels_last_group_norm,
 )
 from infra.engine.loader import EngineOptions
-from infra.engine.speed import _channels_last, resolve_plan
+from infra.engine.speed import resolve_plan
 
 MakeRequest = Callable[..., RenderRequest]
 
@@ -111,7 +112,7 @@ def test_swapped_norms_render_what_stock_renders(model_cache: Path, make_request
     engine = Engine(EngineOptions(device="cpu"), model_cache=model_cache)
     unet = engine.warm("tiny").pipeline.unet
     stock_norms = sum(type(m) is torch.nn.GroupNorm for m in unet.modules())
-    _channels_last(unet)
+    convert_weights(unet)
     before = engine.render(make_request(seed=6, steps=3)).frames
 
     assert use_channels_last_group_norm(unet) == stock_norms > 0

@@ -101,6 +101,18 @@ def test_the_group_norm_tiles_need_compile(monkeypatch: pytest.MonkeyPatch) -> N
     assert resolve_plan(EngineOptions(preset="fast"), "cuda", "full").channels_last_group_norm is True
 
 
+def test_channels_last_inputs_is_opt_in_and_needs_compiled_channels_last(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Off in every preset until a GPU has timed it (docs/performance.md).
+    gpu_with(monkeypatch, (9, 0))
+    assert resolve_plan(EngineOptions(preset="fast"), "cuda", "full").channels_last_inputs is False
+    assert resolve_plan(EngineOptions(preset="fast", channels_last_inputs=True), "cuda", "full").channels_last_inputs
+    offload = resolve_plan(EngineOptions(preset="fast", channels_last_inputs=True), "cuda", "offload")
+    assert offload.channels_last_inputs is False
+    assert "channels_last_inputs (needs compile: it sets a layout inside compiled graphs)" in offload.skipped
+    nchw = resolve_plan(EngineOptions(preset="fast", channels_last=False, channels_last_inputs=True), "cuda", "full")
+    assert "channels_last_inputs (needs channels_last)" in nchw.skipped
+
+
 def test_coordinate_descent_tuning_is_opt_in_for_compiled_cuda_models(monkeypatch: pytest.MonkeyPatch) -> None:
     # Off in every preset: a machine's first compile takes 2.5 times as long (docs/performance.md).
     gpu_with(monkeypatch, (9, 0))
