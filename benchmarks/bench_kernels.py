@@ -1,4 +1,4 @@
-"""Kernel-level check of three engine levers at the UNet's own shapes: error and speed.
+"""Kernel-level check of four engine levers at the UNet's own shapes: error and speed.
 
 Why: ``bench_engine`` says what a lever does to a whole video; this says why, one layer at a
 time, and validates the numerics before a long run:
@@ -9,7 +9,10 @@ time, and validates the numerics before a long run:
   runs them) on the transformers' matmul shapes: relative error, time ratio;
 - ``channels_last_group_norm`` (tiled statistics, Triton on CUDA) against ``F.group_norm``, each
   followed by SiLU under ``torch.compile`` as in the UNet, on channels-last inputs of the ResNet
-  and temporal layers: max abs error, time ratio, and the kernel's statistics against torch's.
+  and temporal layers: max abs error, time ratio, and the kernel's statistics against torch's;
+- ``channels_last_inputs`` on an up block's first ResNet (upsampled features concatenated with the
+  skip connection, the concatenation's layout left to inductor), compiled with and without it:
+  max abs error, time ratio.
 
 Timings are CUDA-event medians after warm-up, as ratios against the baseline measured in the
 same process. On a CPU (the test suite) it runs the fp8 numerics at small shapes and reports the
@@ -52,6 +55,12 @@ GROUP_NORM_SHAPES = [("512x16 resnet 64x64", 2, 16, 320, 64, True), ("512x16 tem
                      ("768x24 temporal up 96x96", 2, 24, 640, 96, False),
                      ("768x24 temporal 48x48", 2, 24, 640, 48, False)]
 CPU_GROUP_NORM_SHAPES = [("small temporal", 1, 3, 64, 12, False)]
+# (label, batch x frames, previous level's channels, skip channels, out channels, side): the first
+# ResNet of the up blocks whose fused GroupNorm + SiLU read the concatenation across the grain.
+UP_BLOCK_SHAPES = [("512x16 up 3", 32, 640, 320, 320, 64), ("768x24 up 3", 48, 640, 320, 320, 96),
+                   ("768x24 up 2", 48, 1280, 640, 640, 48)]
+CPU_UP_BLOCK_SHAPES = [("small", 2, 64, 32, 32, 16)]
+TIME_EMBEDDING = 1280
 
 
 def timed(fn: Callable[[], Any], device: str, repeats: int = 20) -> float:
@@ -183,6 +192,62 @@ def group_norm_row(x: torch.Tensor, device: str) -> dict[str, Any]:
             "speedup": round(stock_ms / tiled_ms, 3), "copy_over_tiled": round(copy_ms / tiled_ms, 3)}
 
 
+class UpBlockResnet(torch.nn.Module):
+    """An up block's first ResNet as the UNet runs it: the previous level upsampled, concatenated
+    with the skip connection (an add, as the transformers' residual hands it over), so inductor
+    chooses the concatenation's layout."""
+
+    def __init__(self, previous: int, skip: int, out: int) -> None:
+        super().__init__()
+        from diffusers.models.resnet import ResnetBlock2D
+        from diffusers.models.upsampling import Upsample2D
+
+        self.upsampler = Upsample2D(previous, use_conv=True, out_channels=previous)
+        self.resnet = ResnetBlock2D(in_channels=previous + skip, out_channels=out, temb_channels=TIME_EMBEDDING)
+
+    def forward(self, hidden: torch.Tensor, skip: torch.Tensor, residual: torch.Tensor,
+                temb: torch.Tensor) -> torch.Tensor:
+        return self.resnet(torch.cat([self.upsampler(hidden), skip + residual], dim=1), temb)
+
+
+def up_block_rows(device: str) -> list[dict[str, Any]]:
+    """The up blocks' first ResNets compiled with and without ``channels_last_inputs``."""
+    rows = []
+    for label, *shape in UP_BLOCK_SHAPES if device.startswith("cuda") else CPU_UP_BLOCK_SHAPES:
+        rows.append({"shape": label} | up_block_row(*shape, device))
+        print(rows[-1], flush=True)
+    return rows
+
+
+def up_block_row(batch: int, previous: int, skip: int, out: int, side: int, device: str) -> dict[str, Any]:
+    from infra.engine.channels_last import convert_weights, use_channels_last_resnet_inputs
+
+    cuda = device.startswith("cuda")
+    dtype = torch.float16 if cuda else torch.float32
+    torch.manual_seed(0)
+    stock = UpBlockResnet(previous, skip, out).to(device, dtype).eval()
+    lever = UpBlockResnet(previous, skip, out).to(device, dtype).eval()
+    lever.load_state_dict(stock.state_dict())
+    for model in (stock, lever):
+        convert_weights(model)
+    use_channels_last_resnet_inputs(lever)
+    last = {"memory_format": torch.channels_last}
+    inputs = (torch.randn(batch, previous, side // 2, side // 2, device=device, dtype=dtype).contiguous(**last),
+              torch.randn(batch, skip, side, side, device=device, dtype=dtype).contiguous(**last),
+              torch.randn(batch, skip, side, side, device=device, dtype=dtype).contiguous(**last),
+              torch.randn(batch, TIME_EMBEDDING, device=device, dtype=dtype))
+    # As the engine compiles with ``channels_last``: inductor's layout optimisation forced on.
+    with torch.no_grad(), torch._inductor.config.patch(force_layout_optimization=True):
+        base, fast = torch.compile(stock, dynamic=False), torch.compile(lever, dynamic=False)
+        row = {"input": [batch, previous + skip, side, side],
+               "max_abs_error": (fast(*inputs).float() - base(*inputs).float()).abs().max().item()}
+        if cuda:
+            stock_ms, lever_ms = timed(lambda: base(*inputs), device), timed(lambda: fast(*inputs), device)
+            row |= {"stock_ms": round(stock_ms, 4), "lever_ms": round(lever_ms, 4),
+                    "speedup": round(stock_ms / lever_ms, 3)}
+    return row
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -191,7 +256,8 @@ def main(argv: list[str] | None = None) -> Path:
     gpu = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
     report = {"device": gpu, "torch": torch.__version__,
               "short_attention": attention_rows(args.device), "fp8_linear": linear_rows(args.device),
-              "channels_last_group_norm": group_norm_rows(args.device)}
+              "channels_last_group_norm": group_norm_rows(args.device),
+              "channels_last_inputs": up_block_rows(args.device)}
     slug = gpu.lower().replace(" ", "-")
     out = Path(args.out) / f"kernels-{slug}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

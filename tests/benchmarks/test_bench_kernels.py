@@ -1,5 +1,6 @@
-"""The kernel benchmark's CPU path: fp8 and tiled GroupNorm numerics measured for real, the CUDA kernel reported as
-skipped (never silently absent). Structure and error bounds only; no timings."""
+"""The kernel benchmark's CPU path: fp8, tiled GroupNorm and channels-last ResNet inputs measured for
+real, the CUDA kernel reported as skipped (never silently absent). Structure and error bounds only;
+no timings."""
 
 from __future__ import annotations
 
@@ -19,3 +20,6 @@ def test_cpu_run_reports_fp8_and_group_norm_errors_and_skips_the_cuda_kernel(tmp
     (norm,) = report["channels_last_group_norm"]
     assert norm["input"] == [1, 64, 3, 12, 12] and norm["tiled_max_abs_error"] < 1e-4
     assert "tiled_ms" not in norm
+    (resnet,) = report["channels_last_inputs"]
+    assert resnet["input"] == [2, 96, 16, 16] and resnet["max_abs_error"] < 1e-4  # compiled, with and without
+    assert "lever_ms" not in resnet
