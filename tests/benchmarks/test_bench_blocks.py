@@ -12,14 +12,15 @@ from benchmarks.bench_blocks import run
 from infra.engine.speed import REGION_CLASSES
 
 
-def test_tiny_run_covers_every_block_call_and_compiles_the_costliest(tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tiny_run_covers_every_block_call_and_compiles_the_costliest(tmp_path: Path) -> None:
     import torch._inductor.config as inductor_config
 
-    for switch in ("force_layout_optimization", "coordinate_descent_tuning"):  # the run sets them process-wide
-        monkeypatch.setattr(inductor_config, switch, getattr(inductor_config, switch))
-    report = run(["--tiny", "--size", "64", "--frames", "4", "--settings", "eager,default", "--limit", "1",
-                  "--out", str(tmp_path)])
+    # The run sets these process-wide; the config's own patch puts them back. (pytest's monkeypatch
+    # would not: undoing it hides a torch config entry, and a later read of it raises.)
+    switches = ("force_layout_optimization", "coordinate_descent_tuning")
+    with inductor_config.patch({switch: getattr(inductor_config, switch) for switch in switches}):
+        report = run(["--tiny", "--size", "64", "--frames", "4", "--settings", "eager,default", "--limit", "1",
+                      "--out", str(tmp_path)])
 
     written = json.loads((tmp_path / "blocks-cpu-64x4.json").read_text())
     assert written["totals"] == report["totals"]

@@ -127,22 +127,23 @@ def test_coordinate_descent_tuning_is_opt_in_for_compiled_cuda_models(monkeypatc
     assert "coordinate_descent_tuning (CUDA only: it tunes Triton kernels)" in cpu.skipped
 
 
-def test_the_plan_owns_inductors_tuning_and_layout_switches(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_plan_owns_inductors_tuning_and_layout_switches() -> None:
     import torch._inductor.config as inductor_config
 
     from infra.engine.aot import module_fingerprint
 
-    monkeypatch.setattr(inductor_config, "coordinate_descent_tuning", True)  # as if the env var were set
-    monkeypatch.setattr(inductor_config, "force_layout_optimization", True)  # as if an earlier plan had set it
-    module = torch.nn.Linear(2, 2)
-    configure_inductor(SpeedPlan(compile="default"))
-    assert inductor_config.coordinate_descent_tuning is False and inductor_config.force_layout_optimization is False
-    plain_key = module_fingerprint(module)
-    configure_inductor(SpeedPlan(compile="default", channels_last=True, coordinate_descent_tuning=True))
-    assert inductor_config.coordinate_descent_tuning is True and inductor_config.force_layout_optimization is True
-    assert module_fingerprint(module) != plain_key  # a tuned package never stands in for a plain one
-    configure_inductor(SpeedPlan(compile="default"))
-    assert module_fingerprint(module) == plain_key  # and a plain plan after it keys as a fresh process does
+    # The config's own patch, not pytest's monkeypatch: undoing that hides a torch config entry.
+    with inductor_config.patch(coordinate_descent_tuning=True,  # as if the env var were set
+                               force_layout_optimization=True):  # as if an earlier plan had set it
+        module = torch.nn.Linear(2, 2)
+        configure_inductor(SpeedPlan(compile="default"))
+        assert inductor_config.coordinate_descent_tuning is False and inductor_config.force_layout_optimization is False
+        plain_key = module_fingerprint(module)
+        configure_inductor(SpeedPlan(compile="default", channels_last=True, coordinate_descent_tuning=True))
+        assert inductor_config.coordinate_descent_tuning is True and inductor_config.force_layout_optimization is True
+        assert module_fingerprint(module) != plain_key  # a tuned package never stands in for a plain one
+        configure_inductor(SpeedPlan(compile="default"))
+        assert module_fingerprint(module) == plain_key  # and a plain plan after it keys as a fresh process does
 
 
 def test_bad_compile_scope_names_the_field() -> None:
