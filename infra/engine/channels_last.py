@@ -71,7 +71,7 @@ class ChannelsLastInput:
 
     def extra_repr(self) -> str:
         # In the repr, so an AOT package's key (``aot.module_fingerprint``) follows the lever.
-        return "channels_last_input=True"
+        return ", ".join(filter(None, [super().extra_repr(), "channels_last_input=True"]))  # type: ignore[misc]
 
 
 @functools.cache
