@@ -122,8 +122,7 @@ class Settings(BaseSettings):
                                                   "choice (on in fast).")
     channels_last_inputs: bool | None = Field(None, description="Every UNet ResNet block's input stored "
                                               "channels-last inside the compiled graph (with channels-last "
-                                              "and compilation); unset: the preset's choice (off in every "
-                                              "preset until measured on a GPU).")
+                                              "and compilation); unset: the preset's choice (on in fast).")
     host_timesteps: bool | None = Field(None, description="Scheduler timesteps on the host: no host sync per "
                                         "denoising step; unset: the preset's choice (on in fast).")
     coordinate_descent_tuning: bool | None = Field(None, description="Inductor tunes every generated kernel "

@@ -63,7 +63,7 @@ class EngineOptions:
     ``channels_last`` and compilation only; ``None`` takes the preset's choice).
     ``channels_last_inputs``: every UNet ResNet block's input stored channels-last inside the
     compiled graph (with ``channels_last`` and compilation only; ``None`` takes the preset's choice:
-    off in every preset until measured on a GPU).
+    on in ``fast``).
     ``host_timesteps``: the scheduler's timesteps on the host, so no step waits for the GPU
     (``None`` takes the preset's choice).
     ``coordinate_descent_tuning``: inductor tunes each generated kernel by coordinate descent
