@@ -79,7 +79,7 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "fast-jit-no-gn": {"preset": "fast", "aot": False, "channels_last_group_norm": False},
     "fast-jit-bf16": {"preset": "fast", "aot": False, "dtype": "bfloat16"},
     "fast-cdt": {"preset": "fast", "coordinate_descent_tuning": True},
-    "fast-no-cl-inputs": {"preset": "fast", "channels_last_inputs": False},  # `fast` before 6 December, evening
+    "fast-no-cl-inputs": {"preset": "fast", "channels_last_inputs": False},  # `fast` before 6 December, night
     # Guidance only at sigma in (0.28, 5.42]: the interval Kynkaenniemi et al. (2024) found best for
     # SD-XL, at I2VGen-XL's noise levels (timesteps 165-875 of 1000).
     "fast-interval": {"preset": "fast", "guidance_interval": (0.17, 0.87)},
