@@ -18,7 +18,10 @@ Timings are CUDA-event medians after warm-up, as ratios against the baseline mea
 same process. On a CPU (the test suite) it runs the fp8 numerics at small shapes and reports the
 CUDA-only kernel as skipped.
 
-    python -m benchmarks.bench_kernels [--device cuda] [--out benchmarks/results]
+``--rows`` measures some levers only (a device call is short) and updates those in the GPU's
+report, keeping the others as they were measured.
+
+    python -m benchmarks.bench_kernels [--device cuda] [--out benchmarks/results] [--rows channels_last_inputs]
 """
 
 from __future__ import annotations
@@ -248,18 +251,30 @@ def up_block_row(batch: int, previous: int, skip: int, out: int, side: int, devi
     return row
 
 
+ROWS: dict[str, Callable[[str], list[dict[str, Any]]]] = {
+    "short_attention": attention_rows, "fp8_linear": linear_rows,
+    "channels_last_group_norm": group_norm_rows, "channels_last_inputs": up_block_rows,
+}
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=str(RESULTS_DIR))
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma list of {', '.join(ROWS)}")
     args = parser.parse_args(argv)
+    names = [name.strip() for name in args.rows.split(",") if name.strip()]
+    if unknown := [name for name in names if name not in ROWS]:
+        parser.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
     gpu = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
-    report = {"device": gpu, "torch": torch.__version__,
-              "short_attention": attention_rows(args.device), "fp8_linear": linear_rows(args.device),
-              "channels_last_group_norm": group_norm_rows(args.device),
-              "channels_last_inputs": up_block_rows(args.device)}
     slug = gpu.lower().replace(" ", "-")
     out = Path(args.out) / f"kernels-{slug}.json"
+    # A partial run keeps the other levers' rows; each lever's rows carry the torch they ran on.
+    report = json.loads(out.read_text()) if out.exists() and len(names) < len(ROWS) else {}
+    report |= {"device": gpu, "torch": torch.__version__}
+    for name in names:
+        report[name] = ROWS[name](args.device)
+        report.setdefault("torch_by_rows", {})[name] = torch.__version__
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")

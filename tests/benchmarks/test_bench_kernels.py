@@ -7,6 +7,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+import torch
+
 from benchmarks.bench_kernels import main
 
 
@@ -23,3 +26,22 @@ def test_cpu_run_reports_fp8_and_group_norm_errors_and_skips_the_cuda_kernel(tmp
     (resnet,) = report["channels_last_inputs"]
     assert resnet["input"] == [2, 96, 16, 16] and resnet["max_abs_error"] < 1e-4  # compiled, with and without
     assert "lever_ms" not in resnet
+
+
+def test_some_rows_update_the_gpus_report_and_keep_the_others(tmp_path: Path) -> None:
+    earlier = {"device": "cpu", "torch": "2.0", "fp8_linear": [{"relative_error": 0.01}],
+               "channels_last_inputs": [{"stale": True}]}
+    (tmp_path / "kernels-cpu.json").write_text(json.dumps(earlier))
+    report = json.loads(main(["--device", "cpu", "--out", str(tmp_path), "--rows", "channels_last_inputs"]).read_text())
+    assert report["fp8_linear"] == [{"relative_error": 0.01}]  # not measured this time: kept as it was
+    (resnet,) = report["channels_last_inputs"]
+    assert resnet["input"] == [2, 96, 16, 16] and "stale" not in resnet
+    assert report["torch_by_rows"] == {"channels_last_inputs": torch.__version__}
+
+
+def test_an_unknown_row_name_is_refused_with_the_known_ones(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stop:
+        main(["--device", "cpu", "--out", str(tmp_path), "--rows", "geglu"])
+    assert stop.value.code == 2
+    assert "unknown rows ['geglu']; known: short_attention, fp8_linear" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
