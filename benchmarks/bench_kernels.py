@@ -264,13 +264,15 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma list of {', '.join(ROWS)}")
     args = parser.parse_args(argv)
     names = [name.strip() for name in args.rows.split(",") if name.strip()]
+    if not names:
+        parser.error(f"--rows names no lever; known: {', '.join(ROWS)}")
     if unknown := [name for name in names if name not in ROWS]:
         parser.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
     gpu = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
     slug = gpu.lower().replace(" ", "-")
     out = Path(args.out) / f"kernels-{slug}.json"
     # A partial run keeps the other levers' rows; each lever's rows carry the torch they ran on.
-    report = json.loads(out.read_text()) if out.exists() and len(names) < len(ROWS) else {}
+    report = json.loads(out.read_text()) if out.exists() and set(names) != set(ROWS) else {}
     report |= {"device": gpu, "torch": torch.__version__}
     for name in names:
         report[name] = ROWS[name](args.device)
