@@ -10,7 +10,8 @@ up/down sampler) is captured with its real inputs during one eager UNet call wit
 the blocks are 83 of a 512x16 call's modules and nearly all of its FLOPs (the time embedding,
 ``conv_in``/``conv_out`` and the first norm are left out). The model carries the ``fast``
 preset's levers that change the graph (fused QKV, channels-last, the short-attention kernel, the
-GroupNorm tiles where a norm outgrows the L2 cache: none at 512x16).
+GroupNorm tiles where a norm outgrows the L2 cache: at 512x16 on an H100, the 64x64 temporal
+norms).
 
 1. build the UNet from its config with seeded random weights; 2. apply the levers through the
 engine's own ``apply_plan``; 3. capture each distinct block's inputs; 4. per setting and block:

@@ -14,12 +14,14 @@ elsewhere); 2. those combined per group (Chan's parallel formula, a few small to
 what follows (SiLU, the next convolution's layout). Same math as ``torch.nn.GroupNorm``, in
 float32, to fp16 rounding.
 
-Only where it pays: a norm whose input fits the L2 cache about twice over keeps inductor's
-reduction, since the re-reads then hit the cache. Measured per temporal norm (``bench_kernels``,
-H200): 84 MB and 42 MB inputs (512x16) 0.96-0.99x; 141-566 MB inputs (768x24) 2.5-4.3x. Whole
-renders in AOT packages on an H100: 768x24 1.43x -> 1.65x stock, while at 512x16 the tiles
-gained nothing and the package peaked 2.8 GiB higher, which the size rule avoids by leaving that
-graph as it was.
+Only where it pays: a norm whose input fits the L2 cache keeps inductor's reduction, since the
+re-reads then hit the cache. Measured per temporal norm (``bench_kernels``, GroupNorm + SiLU, both
+compiled): 141-566 MB inputs (768x24) 2.5-5.6x on an H100 and an H200; 71 MB (768x24's
+1280-channel norms) 2.3x and 84 MB (512x16) 3.5x on an H100 (50 MiB L2), 0.96x on an H200;
+42 MB 0.99-1.01x. Whole renders in AOT packages on an H100: 768x24 1.43x -> 1.65x stock with the
+tiles above two L2 caches, then 1.020-1.027x faster again with the limit at one (the 1280-channel
+norms join; each A/B in one process, in two processes); at 512x16 neither limit changed the
+render (5.98 vs 6.00 s) or its peak.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import importlib.util
 import torch
 
 TILE_POSITIONS = 256  # pixels per tile; the kernel's block and the reference's tile agree
-L2_MULTIPLE = 2  # inputs larger than this many L2 caches take the tiles (between 84 and 141 MB on an H100)
+L2_MULTIPLE = 1  # inputs larger than this many L2 caches take the tiles (H100: over 50 MiB)
 
 
 def unsupported_reason(device: str) -> str | None:
@@ -44,7 +46,7 @@ def unsupported_reason(device: str) -> str | None:
 def min_tiled_bytes(device: str | torch.device) -> int:
     """The input size, in bytes, above which a temporal norm on ``device`` takes the tiles.
 
-    ``L2_MULTIPLE`` times the GPU's L2 cache (H100: 100 MiB); 0 off CUDA, where the lever serves
+    ``L2_MULTIPLE`` times the GPU's L2 cache (H100: 50 MiB); 0 off CUDA, where the lever serves
     the tests' reference path.
     """
     device = torch.device(device)
@@ -112,7 +114,7 @@ class ChannelsLastGroupNorm(torch.nn.GroupNorm):
     """``nn.GroupNorm`` whose video-shaped (N, C, frames, H, W) inputs take ``group_norm`` above.
 
     Those are the temporal layers' norms, one group over all frames of a video, where inductor's
-    own reduction is slow (2.5-4.3x slower than the tiles at 768x24, ``bench_kernels``). They are
+    own reduction is slow (2.3-5.6x slower than the tiles above the L2 cache, ``bench_kernels``). They are
     made channels-last-3d first: a no-op for the temporal convolutions' input, and for the
     temporal transformers' (an add of channels-last tensors, traced as NCHW) it lets inductor
     write the add's result in the layout it keeps anyway. Per-frame (4D) norms, and inputs of

@@ -117,7 +117,8 @@ PRESETS: dict[str, SpeedPlan] = {
     # Timesteps on the host: no host sync per step, so a busy GPU worker's other threads
     # (storing the last result, staging the next job) cannot stall the GPU mid-render.
     # The temporal norms' statistics by channels-last tiles where a norm's input outgrows the L2
-    # cache: 768x24 1.43x -> 1.65x stock; 512x16's graph stays as it was (its inputs fit).
+    # cache: 768x24 1.43x -> 1.65x stock with the limit at two L2 caches, 1.020-1.027x more at one
+    # (7 December 2026); 512x16's render unchanged either way.
     # Every ResNet block's input channels-last, so the up blocks' concatenated skip connections are
     # not read across the grain by their norms: 512x16 6.085 -> 5.960 s in one process, 768x24
     # 22.51-22.66 -> 22.13 s (H100, 6 December 2026).
