@@ -84,6 +84,9 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     # SD-XL, at I2VGen-XL's noise levels (timesteps 165-875 of 1000).
     "fast-interval": {"preset": "fast", "guidance_interval": (0.17, 0.87)},
     "interval": {"preset": "stock", "guidance_interval": (0.17, 0.87)},
+    # DeepCache's interval of 3: two of every three steps on the deep features of the full one.
+    "fast-cache3": {"preset": "fast", "feature_cache_interval": 3},
+    "cache3": {"preset": "stock", "feature_cache_interval": 3},
     "fast-exact-blocks": {"preset": "fast", "short_attention": True, "compile_vae": True, "compile_scope": "blocks"},
 }
 DEFAULT_GPU_VARIANTS = "stock,fast,fast-cudagraphs"
@@ -113,6 +116,7 @@ class VariantResult:
     speed: dict[str, Any] | None = None
     steps_run: int | None = None
     steps_guided: int | None = None  # ``guidance_interval`` runs the others on one half of the batch
+    steps_cached: int | None = None  # ``feature_cache_interval``: steps on the outer level alone
 
 
 def gib(n: int | float | None) -> float | None:
@@ -369,6 +373,7 @@ class Bench:
             rendered = engine.render(self.request())
             result.memory_mode = rendered.memory_mode  # an OOM fallback shows here
             result.steps_run, result.steps_guided = rendered.steps_run, rendered.steps_guided
+            result.steps_cached = rendered.steps_cached
             # A package that could not be built ran under torch.compile: say so beside its time.
             assert result.speed is not None
             result.speed["aot_fallbacks"] = rendered.speed["aot_fallbacks"]
@@ -408,7 +413,7 @@ class Bench:
             result.speedup_vs_stock = round(self.stock_median / result.median_seconds, 3)
         if name == self.args.profile:
             self.profile(call, name)
-        if self.flops_per_video:
+        if self.flops_per_video and not result.steps_cached:  # a shallow step's FLOPs are not counted
             result.tflops = round(self.flops_for(result) / result.median_seconds / 1e12, 3)
             if self.matmul_peak:
                 result.share_of_matmul_peak = round(result.tflops / self.matmul_peak, 3)
@@ -527,6 +532,8 @@ def markdown_table(report: dict[str, Any]) -> str:
             levers += f", decode_chunk={r['options']['decode_chunk_size']}"
         if (r.get("steps_guided") or 0) < (r.get("steps_run") or 0):
             levers += f", guided steps {r['steps_guided']} of {r['steps_run']}"
+        if r.get("steps_cached"):
+            levers += f", steps on cached features {r['steps_cached']} of {r['steps_run']}"
         if speed.get("aot_fallbacks"):
             levers += f"; **aot fell back to torch.compile**: {'; '.join(speed['aot_fallbacks'])}"
         lines.append(

@@ -139,6 +139,10 @@ class Settings(BaseSettings):
         None, description="Quality-trading, opt-in: LOW,HIGH noise levels (timestep / 1000: 1 is pure noise, "
         "0 a clean image) where classifier-free guidance runs, e.g. 0.1,0.9; elsewhere a step runs the UNet "
         "on the prompt alone, about half its work (the sidecar records the steps guided).")
+    feature_cache_interval: int | None = Field(None, ge=2, description="Quality-trading, opt-in: a full UNet "
+                                               "step every N steps; the steps between run only its outer level "
+                                               "on the deep features kept from the last full one (DeepCache; the "
+                                               "sidecar records the steps that reused them).")
     oom_fallback: bool = True
     warmup_shapes: str = Field("", description="WxHxF,... rendered (2 steps) at GPU-worker start; "
                                "empty: the model's default size at 16 frames.")

@@ -74,7 +74,7 @@ def build_sidecar(ticket: JobTicket, job: PreparedJob, rendered: RenderedVideo,
                             "waiting_for_gpu": engine["wait_seconds"]},
         "engine": {k: engine[k] for k in ("device", "dtype", "memory_mode", "pid", "model_loads_in_process",
                                           "oom_fallback_used", "speed", "steps_run",
-                                          "steps_guided")},
+                                          "steps_guided", "steps_cached")},
         # url_for gives the UI's current /runs/flow-run/<id> path (runtime.flow_run.ui_url is stale).
         # The render's task run is not nested under the flow run when the watcher handed it over.
         "prefect": {"flow_run_id": runtime.flow_run.id,

@@ -130,7 +130,8 @@ def engine_options() -> Any:
                          coordinate_descent_tuning=settings.coordinate_descent_tuning,
                          fp8_linear=settings.fp8_linear,
                          scheduler=settings.scheduler, max_steps=settings.max_steps,
-                         guidance_interval=settings.guidance_interval)
+                         guidance_interval=settings.guidance_interval,
+                         feature_cache_interval=settings.feature_cache_interval)
 
 
 def _retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:

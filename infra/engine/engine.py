@@ -24,6 +24,7 @@ import PIL.Image
 import structlog
 import torch
 
+from infra.engine.feature_cache import feature_cache_of
 from infra.engine.guidance_interval import steps_guided
 from infra.engine.loader import EngineOptions, LoadedModel, free_memory, load_pipeline
 from infra.engine.registry import NOISE_WARNING, ModelEntry, resolve_model
@@ -100,6 +101,7 @@ class RenderResult:
     speed: dict = field(default_factory=dict)  # the speed levers this render ran with
     steps_run: int = 0  # denoising steps really run (``max_steps`` may cap the request's)
     steps_guided: int = 0  # of those, steps with classifier-free guidance (``guidance_interval`` may skip some)
+    steps_cached: int = 0  # of those, steps on the deep features of an earlier one (``feature_cache_interval``)
     wait_seconds: float = 0.0  # queued behind another render of this process (a GPU worker's staged job)
 
 
@@ -419,6 +421,7 @@ class Engine:
             speed=loaded.speed.as_dict() | {"aot_fallbacks": aot_fallbacks(loaded.pipeline)},
             steps_run=loaded.speed.steps_for(request.steps),
             steps_guided=_steps_guided(loaded),
+            steps_cached=_steps_cached(loaded),
         )
 
 
@@ -428,6 +431,12 @@ def _steps_guided(loaded: LoadedModel) -> int:
         return 0
     scheduler = loaded.pipeline.scheduler
     return steps_guided(scheduler.timesteps, loaded.speed.guidance_interval, scheduler.config.num_train_timesteps)
+
+
+def _steps_cached(loaded: LoadedModel) -> int:
+    """Steps of the render just run that reused the deep features of an earlier step."""
+    cache = feature_cache_of(loaded.pipeline)
+    return 0 if cache is None else cache.steps_cached
 
 
 def model_loads_in_process() -> int:

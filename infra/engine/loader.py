@@ -75,6 +75,8 @@ class EngineOptions:
     ``scheduler``, ``max_steps``: quality-trading, opt-in only (``dpm++``; a cap on steps).
     ``guidance_interval``: quality-trading, opt-in only: ``(low, high)`` noise levels (timestep /
     training timesteps) where classifier-free guidance runs; elsewhere one UNet half per step.
+    ``feature_cache_interval``: quality-trading, opt-in only: a full UNet step every N steps, the
+    steps between only its outer level on the deep features kept from the last full one (DeepCache).
     """
 
     device: str = "auto"
@@ -102,6 +104,7 @@ class EngineOptions:
     scheduler: str = "default"
     max_steps: int | None = None
     guidance_interval: tuple[float, float] | None = None
+    feature_cache_interval: int | None = None
 
     def check(self) -> None:
         """Raise a precise ``ValueError`` for an option outside its allowed values."""

@@ -34,8 +34,10 @@ Quality-trading levers are never part of a preset: ``scheduler="dpm++"`` (DPM-So
 reaches a usable image in fewer steps than the pipeline's DDIM) and ``max_steps`` (cap the
 denoising steps of every job) and ``guidance_interval`` (classifier-free guidance only at the
 noise levels within ``[low, high]``; elsewhere the UNet runs on the prompt's half alone, half a
-step's work). They change the output; the benchmark reports by how much (drift against stock),
-and each video's sidecar names them and the steps really run (and guided).
+step's work) and ``feature_cache_interval`` (DeepCache: a full UNet step every N steps, the steps
+between only its outer level on the deep features kept from the last full one). They change
+the output; the benchmark reports by how much (drift against stock), and each video's sidecar
+names them and the steps really run (guided, and reusing features).
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import torch
 
-from infra.engine import aot, channels_last, fp8, group_norm, guidance_interval, short_attention
+from infra.engine import aot, channels_last, feature_cache, fp8, group_norm, guidance_interval, short_attention
 from infra.engine.host_timesteps import keep_timesteps_on_host
 
 if TYPE_CHECKING:
@@ -96,6 +98,7 @@ class SpeedPlan:
     scheduler: str = "default"  # quality-trading (opt-in only)
     max_steps: int | None = None  # quality-trading (opt-in only)
     guidance_interval: tuple[float, float] | None = None  # quality-trading (opt-in only)
+    feature_cache_interval: int | None = None  # quality-trading (opt-in only)
     skipped: tuple[str, ...] = ()
 
     def steps_for(self, requested: int) -> int:
@@ -150,6 +153,8 @@ def check_options(options: EngineOptions) -> None:
         raise ValueError(f"`max_steps` must be None or >= 1 but is {options.max_steps}")
     if options.guidance_interval is not None:
         guidance_interval.check_interval(options.guidance_interval)
+    if options.feature_cache_interval is not None:
+        feature_cache.check_interval(options.feature_cache_interval)
     if options.gpu_memory_gb is not None and options.gpu_memory_gb <= 0:
         raise ValueError(f"`gpu_memory_gb` must be None or > 0 but is {options.gpu_memory_gb}")
 
@@ -175,7 +180,8 @@ def resolve_plan(options: EngineOptions, device: str, memory_mode: str) -> Speed
         overrides["attention"] = options.attention
     plan = replace(PRESETS[preset], **overrides, compile_scope=options.compile_scope, fp8_linear=options.fp8_linear,
                    scheduler=options.scheduler, max_steps=options.max_steps,
-                   guidance_interval=options.guidance_interval)
+                   guidance_interval=options.guidance_interval,
+                   feature_cache_interval=options.feature_cache_interval)
     plan, skipped = _without_what_cannot_apply(plan, device, memory_mode)
     if plan.compile == "off":
         plan = replace(plan, compile_scope="model")
@@ -187,6 +193,10 @@ def resolve_plan(options: EngineOptions, device: str, memory_mode: str) -> Speed
 def _without_what_cannot_apply(plan: SpeedPlan, device: str, memory_mode: str) -> tuple[SpeedPlan, list[str]]:
     """Turn off each lever this device, memory mode or another lever rules out, saying why."""
     skipped: list[str] = []
+    if plan.feature_cache_interval and memory_mode == "offload":
+        # Offload moves the UNet to the GPU from a wrapper of its forward, which the cache would replace.
+        skipped.append(f"feature_cache_interval={plan.feature_cache_interval} (memory_mode=offload wraps the UNet)")
+        plan = replace(plan, feature_cache_interval=None)
     if plan.compile != "off" and memory_mode == "offload":
         skipped.append(f"compile={plan.compile} (memory_mode=offload moves the UNet)")
         plan = replace(plan, compile="off")
@@ -314,6 +324,11 @@ def apply_plan(pipeline: DiffusionPipeline, plan: SpeedPlan) -> SpeedPlan:
         guidance_interval.use_guidance_interval(pipeline, plan.guidance_interval)
     if plan.host_timesteps:
         keep_timesteps_on_host(pipeline)
+    # The UNet's graphs: itself, or the feature cache's two steps over it.
+    graphs: list[tuple[torch.nn.Module, str]] = [(unet, "unet")]
+    if plan.feature_cache_interval:
+        cache = feature_cache.use_feature_cache(pipeline, plan.feature_cache_interval)
+        graphs = [(cache.deep, "unet-deep"), (cache.shallow, "unet-shallow")]
     if plan.cudnn_benchmark:
         # Process-wide: cuDNN times its convolution algorithms once per shape and keeps the
         # fastest (the UNet's shapes are fixed per request shape).
@@ -324,9 +339,13 @@ def apply_plan(pipeline: DiffusionPipeline, plan: SpeedPlan) -> SpeedPlan:
         mode = None if plan.compile == "default" else plan.compile
         configure_inductor(plan)
         if plan.aot:
-            aot.use_aot_packages(unet, plan.compile_cache_dir, "unet")
+            for graph, name in graphs:
+                aot.use_aot_packages(graph, plan.compile_cache_dir, name)
+        elif plan.compile_scope == "blocks":
+            _compile(unet, mode, "blocks")  # the blocks are shared by the feature cache's steps
         else:
-            _compile(unet, mode, plan.compile_scope)
+            for graph, _name in graphs:
+                _compile(graph, mode, "model")
         if plan.compile_vae and plan.aot:
             aot.use_aot_packages(pipeline.vae.decoder, plan.compile_cache_dir, "vae-decoder")
         elif plan.compile_vae:
@@ -342,7 +361,10 @@ def apply_plan(pipeline: DiffusionPipeline, plan: SpeedPlan) -> SpeedPlan:
 def _packaged(pipeline: DiffusionPipeline) -> list[tuple[str, aot.AotDispatcher]]:
     """The ``aot`` lever's dispatchers in ``pipeline``, by module name."""
     vae = getattr(pipeline, "vae", None)
-    modules = (("unet", getattr(pipeline, "unet", None)), ("vae-decoder", getattr(vae, "decoder", None)))
+    modules = [("unet", getattr(pipeline, "unet", None)), ("vae-decoder", getattr(vae, "decoder", None))]
+    cache = feature_cache.feature_cache_of(pipeline)
+    if cache is not None:
+        modules += [("unet-deep", cache.deep), ("unet-shallow", cache.shallow)]
     found = [(name, getattr(module, "__dict__", {}).get("forward")) for name, module in modules]
     return [(name, dispatcher) for name, dispatcher in found if isinstance(dispatcher, aot.AotDispatcher)]
 
