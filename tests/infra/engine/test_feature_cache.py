@@ -20,7 +20,7 @@ import torch
 from infra.engine.engine import Engine, RenderRequest
 from infra.engine.feature_cache import DeepStep, FeatureCache, ShallowStep, feature_cache_of
 from infra.engine.loader import EngineOptions
-from infra.engine.speed import resolve_plan
+from infra.engine.speed import release_aot_packages, resolve_plan
 from infra.settings import Settings
 
 MakeRequest = Callable[..., RenderRequest]
@@ -130,6 +130,10 @@ def test_warm_up_builds_both_packages_and_renders_from_them(
     assert [d.compiled for d in dispatchers] == [1, 1] and result.speed["aot_fallbacks"] == []
     eager = cached_engine(model_cache).render(make_request(steps=4))
     assert np.abs(result.frames.astype(int) - eager.frames).max() <= 2
+    # Dropping the model frees the weights both packages were handed (AOTInductor keeps its own references).
+    release_aot_packages(pipeline)
+    assert [d.handed for d in dispatchers] == [{}, {}]
+    assert all(p.numel() == 0 for p in pipeline.unet.parameters())
 
 
 def test_offload_skips_it_with_the_reason() -> None:
