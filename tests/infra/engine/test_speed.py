@@ -23,10 +23,11 @@ MakeRequest = Callable[..., RenderRequest]
 def test_quality_trading_is_never_part_of_a_preset(preset: str) -> None:
     for device in ("cpu", "cuda"):
         plan = resolve_plan(EngineOptions(preset=preset), device, "full")
-        assert (plan.scheduler, plan.max_steps, plan.guidance_interval) == ("default", None, None)
+        assert (plan.scheduler, plan.max_steps, plan.guidance_interval, plan.feature_cache_interval) == (
+            "default", None, None, None)
         assert plan.steps_for(50) == 50
     assert all(p.scheduler == "default" and p.max_steps is None and p.guidance_interval is None
-               for p in PRESETS.values())
+               and p.feature_cache_interval is None for p in PRESETS.values())
 
 
 def test_dpm_solver_with_a_step_cap_runs_fewer_steps_and_says_so(model_cache: Path, make_request: MakeRequest) -> None:
